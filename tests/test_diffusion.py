@@ -6,6 +6,8 @@ from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
 
 from cm_lightning.diffusion.denoiser import Denoiser
 from cm_lightning.diffusion.grid import (
+    curriculum_num_steps,
+    lognormal_step_weights,
     boundary_of,
     ddim_timesteps,
     edge_jump_timesteps,
@@ -14,7 +16,7 @@ from cm_lightning.diffusion.grid import (
     segment_edges,
     solver_grid,
 )
-from cm_lightning.diffusion.losses import l2, pseudo_huber, pseudo_huber_norm
+from cm_lightning.diffusion.losses import l2, make_loss, pseudo_huber, pseudo_huber_norm
 from cm_lightning.diffusion.parameterization import (
     Prediction,
     ddim_jump,
@@ -209,11 +211,32 @@ def test_guidance_runs_one_batched_pass_with_same_result(schedule):
     assert (pred.eps - ref.eps).abs().max() < TOL and (pred.x0 - ref.x0).abs().max() < TOL
 
 
-def test_losses():
+def test_losses_are_per_sample():
     a, b = torch.zeros(2, 4, 8, 8), torch.full((2, 4, 8, 8), 0.5)
-    assert l2(a, b).item() == pytest.approx(0.25)
-    assert pseudo_huber(a, b, c=0.001).item() == pytest.approx((0.25 + 1e-6) ** 0.5 - 0.001, rel=1e-5)
-    assert pseudo_huber(a, a).item() == 0.0
+    b[1] = 1.0
+    assert l2(a, b).tolist() == pytest.approx([0.25, 1.0])
+    assert pseudo_huber(a, b, c=0.001)[0].item() == pytest.approx((0.25 + 1e-6) ** 0.5 - 0.001, rel=1e-5)
+    assert pseudo_huber(a, a).abs().max().item() == 0.0
     d = 4 * 8 * 8
     c = 0.00054 * d**0.5
-    assert pseudo_huber_norm(a, b).item() == pytest.approx((0.25 * d + c * c) ** 0.5 - c, rel=1e-5)
+    assert pseudo_huber_norm(a, b)[0].item() == pytest.approx((0.25 * d + c * c) ** 0.5 - c, rel=1e-5)
+    assert make_loss("pseudo_huber", 0.5)(a, b)[0].item() == pytest.approx((0.25 + 0.25) ** 0.5 - 0.5, rel=1e-5)
+    with pytest.raises(ValueError, match="huber"):
+        make_loss("huber")
+
+
+def test_curriculum_doubles_from_start_to_end():
+    sizes = [curriculum_num_steps(step, 400, 10, 80) for step in range(0, 400, 50)]
+    assert sizes == [10, 10, 20, 20, 40, 40, 80, 80]
+    assert curriculum_num_steps(10**6, 400, 10, 80) == 80
+    assert curriculum_num_steps(0, 400, 50, 50) == 50
+
+
+def test_lognormal_weights_favour_mid_noise(schedule):
+    grid = solver_grid(1000, 50)
+    weights = lognormal_step_weights(schedule.alphas_cumprod, grid)
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-5) and (weights >= 0).all()
+    # P_mean = -1.1 puts the median at sigma = 0.33 (t near 100 for SD1.5): low noise levels dominate
+    assert weights[:5].sum() > 0.4 and weights[-10:].sum() < 0.1
+    t_hi, _ = sample_training_pairs(grid, 2000, torch.Generator().manual_seed(0), index_weights=weights)
+    assert (t_hi < 500).float().mean() > 0.6

@@ -21,14 +21,22 @@ def solver_grid(num_train_timesteps: int, num_steps: int) -> torch.Tensor:
 
 
 def sample_training_pairs(
-    grid: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+    grid: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    index_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw ``t_hi = grid[i]`` with i ~ U{0..N-1} and its solver neighbour ``t_lo = t_hi - k`` (clamped at 0).
+    """Draw ``t_hi = grid[i]`` and its solver neighbour ``t_lo = t_hi - k`` (clamped at 0).
 
+    i ~ U{0..N-1}, or ~ ``index_weights`` [N] when given (iCT's lognormal choice).
     Returns (t_hi, t_lo), each [batch_size] long, on ``grid``'s device.
     """
     skip = int(grid[0]) + 1
-    index = torch.randint(0, grid.numel(), (batch_size,), generator=generator, device="cpu").to(grid.device)
+    if index_weights is None:
+        index = torch.randint(0, grid.numel(), (batch_size,), generator=generator)
+    else:
+        index = torch.multinomial(index_weights.cpu(), batch_size, replacement=True, generator=generator)
+    index = index.to(grid.device)
     t_hi = grid[index]
     return t_hi, (t_hi - skip).clamp(min=0)
 
@@ -105,3 +113,38 @@ def ddim_timesteps(
     else:
         raise ValueError(f"timestep_spacing {spacing!r} is not one of 'leading', 'trailing', 'linspace'")
     return steps.flip(0).long()
+
+
+def curriculum_num_steps(step: int, total_steps: int, start: int, end: int) -> int:
+    """iCT's step-doubling curriculum: the solver grid size at training ``step``, doubling from ``start`` to ``end``.
+
+    The number of doublings is ``floor(log2(end / start))``; training time is split evenly among the
+    ``doublings + 1`` stages (iCT: K' = floor(K / (log2(s1/s0) + 1))).
+    """
+    if start >= end:
+        return end
+    doublings = int(torch.log2(torch.tensor(end / start)).floor())
+    stage_length = max(1, total_steps // (doublings + 1))
+    return min(start * 2 ** (step // stage_length), end)
+
+
+def lognormal_step_weights(
+    schedule_alphas_cumprod: torch.Tensor, grid: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0
+) -> torch.Tensor:
+    """iCT's lognormal choice of noise levels, as probabilities over grid indices i (pairs grid[i] -> grid[i] - k).
+
+    In VE terms sigma_t = s_t / a_t; p(i) is proportional to the lognormal mass between sigma(t_lo) and sigma(t_hi):
+    ``erf((log sigma_hi - P_mean) / (sqrt(2) P_std)) - erf((log sigma_lo - P_mean) / (sqrt(2) P_std))``.
+    """
+    abar = schedule_alphas_cumprod.double()
+    sigma = ((1 - abar) / abar).sqrt()
+    skip = int(grid[0]) + 1
+    t_lo = (grid - skip).clamp(min=0)
+    # the first pair ends at t = 0, SD's lowest level (sigma 0.029): the mass below it is dropped, as iCT's sigma_min does
+    sigma_hi, sigma_lo = sigma[grid], sigma[t_lo]
+
+    def cdf(s: torch.Tensor) -> torch.Tensor:
+        return torch.erf((s.clamp(min=1e-12).log() - p_mean) / (2**0.5 * p_std))
+
+    mass = (cdf(sigma_hi) - cdf(sigma_lo)).clamp(min=0)
+    return (mass / mass.sum()).float()
