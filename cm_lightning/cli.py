@@ -1,0 +1,58 @@
+"""What every entry point shares: one-line errors for bad input, and building the model from its config."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from typing import Callable, TypeVar
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from .errors import UserError
+
+T = TypeVar("T")
+log = logging.getLogger("cm_lightning")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def one_line_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run an entry point; a :class:`UserError` becomes ``error: <message>`` on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+def parse_dtype(name: str, field: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"{field}={name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def compute_device(accelerator: str = "auto") -> torch.device:
+    """This process's device: its local GPU when one is asked for (or 'auto') and present, else the CPU."""
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if accelerator in ("gpu", "cuda"):
+        raise UserError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu")
+    return torch.device("cpu")
+
+
+def load_model(model_cfg: DictConfig):
+    """Build the model folder if the config says how (model=tiny), then load its SD components."""
+    from .models.components import load_components
+
+    if model_cfg.get("build"):
+        instantiate(model_cfg.build)
+    return load_components(model_cfg.pretrained, revision=model_cfg.get("revision"), variant=model_cfg.get("variant"))

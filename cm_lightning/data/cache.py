@@ -1,0 +1,383 @@
+"""The frozen-encoder latent cache: VAE posteriors and text embeddings, computed once, reused by every run.
+
+A cache folder is named by a hash of its key (source fingerprint, encoder identity, resolution, format
+version), so any change to what would be encoded lands in a new folder, and an unchanged key is reused
+without loading or calling the encoders. Layout of ``root/<source.name>-<hash12>/``::
+
+    key.json                 the full key (checked on every open, to rule out a hash collision)
+    shard-00000.pt           latent_mean, latent_std [n,4,h,w] fp16; text_embeds [n,77,D] fp16
+    shard-00000.json         the shard's key hash, index range, captions, keys, source indices, bad items
+    null_text_embed.pt       encode_prompts([""])[0], [77,D] fp16 (for classifier-free guidance)
+    COMPLETE                 JSON counts + summary line; written last, after every check passed
+
+Every file is written to a temporary name and moved into place (``os.replace``), so a crash leaves whole
+files only; a folder without ``COMPLETE`` is resumed shard by shard.
+
+The encoders follow this duck-typed interface (``cm_lightning.models.encoders.FrozenEncoders``)::
+
+    scaling_factor: float; vae_scale: int; device: torch.device
+    encode_images(pixels [B,3,H,W] in [-1,1]) -> (mean, std) [B,4,H/s,W/s], already scaled
+    encode_prompts(prompts: list[str]) -> [B,77,D]
+    identity() -> dict   # JSON-able; identifies the weights
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from cm_lightning.data.preprocess import image_to_tensor
+from cm_lightning.data.sources import BadSample, CaptionedImageSource
+from cm_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Bump when the on-disk layout or what is stored changes: old folders are then simply not found.
+CACHE_FORMAT_VERSION = 1
+
+
+@dataclass
+class CachedLatents:
+    """A whole cache in RAM. N pairs; latents at h = w = resolution // vae_scale.
+
+    ``latent_mean``/``latent_std`` are the VAE posterior (already multiplied by the scaling factor), so a
+    training step draws ``mean + std * N(0, 1)``: a fresh latent each epoch, as SD itself was trained.
+    """
+
+    latent_mean: torch.Tensor  # [N, 4, h, w] float16
+    latent_std: torch.Tensor  # [N, 4, h, w] float16
+    text_embeds: torch.Tensor  # [N, 77, D] float16
+    null_text_embed: torch.Tensor  # [77, D] float16, the embedding of the empty prompt
+    captions: list[str]
+    keys: list[str]  # the source's key of each pair
+    indices: torch.Tensor  # [N] long: the source index of each pair (bad items leave gaps)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class _Encoded:
+    """What the image DataLoader yields for one batch: the good items stacked, the bad ones listed."""
+
+    indices: list[int]
+    pixels: torch.Tensor  # [b, 3, R, R] float32 in [-1, 1]
+    captions: list[str]
+    keys: list[str]
+    bad: list[tuple[str, str]]  # (key, reason)
+
+
+class _SourceImages(Dataset):
+    """Decodes and preprocesses source items; a failing item becomes a (key, reason) marker, so that a
+    worker never dies with a stack trace and the builder can count, skip and name it."""
+
+    def __init__(self, source: CaptionedImageSource, resolution: int):
+        self.source, self.resolution = source, resolution
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple:
+        key = f"{self.source.name}[{index}]"  # until the source tells us its key
+        try:
+            item = self.source[index]
+            key = item.key
+            return ("ok", index, image_to_tensor(item.image, self.resolution), item.caption, key)
+        except BadSample as bad:
+            return ("bad", index, bad.key, bad.reason)
+        except Exception as error:  # noqa: BLE001 - any failure of one item is that item's problem
+            log.debug("cache: %s unreadable: %r", key, error)
+            return ("bad", index, key, "unreadable")
+
+
+def _collate(items: list[tuple]) -> _Encoded:
+    good = [it for it in items if it[0] == "ok"]
+    pixels = torch.stack([it[2] for it in good]) if good else torch.empty(0)
+    return _Encoded([it[1] for it in good], pixels, [it[3] for it in good], [it[4] for it in good],
+                    [(it[2], it[3]) for it in items if it[0] == "bad"])
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp_path)`` then move into place: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, sort_keys=True)))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def key_hash(key: dict) -> str:
+    """The folder suffix of a cache key: the first 12 hex digits of sha256 of its sorted JSON."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def summary_line(encoded: int, total: int, skipped: Counter, examples: list[str]) -> str:
+    """E.g. "cache: 4,987 of 5,000 pairs encoded; skipped 13 (truncated image: 9, missing file: 4),
+    e.g. images/000123.jpg"."""
+    line = f"cache: {encoded:,} of {total:,} pairs encoded; skipped {sum(skipped.values()):,}"
+    if skipped:
+        line += " (" + ", ".join(f"{reason}: {n:,}" for reason, n in skipped.most_common()) + ")"
+    if examples:
+        line += ", e.g. " + ", ".join(examples[:3])
+    return line
+
+
+class LatentCache:
+    """VAE posteriors and text embeddings of one source at one resolution under ``root``.
+
+    ``encoders`` may be None to open an existing cache without loading the encoders: the folder is then
+    the unique complete cache of this source, resolution and format under ``root`` (any encoders).
+    """
+
+    def __init__(self, source: CaptionedImageSource, *, root: str | os.PathLike, resolution: int,
+                 encoders: Any | None = None, encode_batch_size: int = 32, num_workers: int = 0,
+                 max_bad_fraction: float = 0.05, progress: bool = True, shard_size: int = 512):
+        if resolution <= 0:
+            raise UserError(f"cache resolution={resolution} must be positive")
+        if encode_batch_size <= 0 or shard_size <= 0:
+            raise UserError(f"cache encode_batch_size={encode_batch_size} and shard_size={shard_size} "
+                            "must be positive")
+        if not 0 <= max_bad_fraction <= 1:
+            raise UserError(f"cache max_bad_fraction={max_bad_fraction} must be between 0 and 1")
+        self.source, self.root, self.resolution = source, Path(root), resolution
+        self.encoders = encoders
+        self.encode_batch_size, self.num_workers = encode_batch_size, num_workers
+        self.max_bad_fraction, self.progress, self.shard_size = max_bad_fraction, progress, shard_size
+        self._key: dict | None = None
+
+    # ---- where the cache lives -------------------------------------------------------------------
+
+    def _partial_key(self) -> dict:
+        return {"format": CACHE_FORMAT_VERSION, "source": self.source.fingerprint(),
+                "resolution": self.resolution}
+
+    @property
+    def key(self) -> dict:
+        """{format, source fingerprint, encoders identity, resolution}. Raises UserError when no
+        encoders are attached and no unique complete cache matches the rest of the key."""
+        if self._key is None:
+            if self.encoders is not None:
+                self._key = {**self._partial_key(), "encoders": self.encoders.identity()}
+            else:
+                self._key = self._find_complete_key()
+        return self._key
+
+    @property
+    def path(self) -> Path:
+        return self.root / f"{self.source.name}-{key_hash(self.key)}"
+
+    def _find_complete_key(self) -> dict:
+        partial = json.loads(json.dumps(self._partial_key()))  # as stored: tuples become lists
+        found = []
+        for key_file in sorted(self.root.glob(f"{self.source.name}-*/key.json")):
+            key = _read_json(key_file)
+            if (isinstance(key, dict) and (key_file.parent / "COMPLETE").exists()
+                    and {k: v for k, v in key.items() if k != "encoders"} == partial):
+                found.append((key_file.parent, key))
+        if len(found) == 1:
+            return found[0][1]
+        if not found:
+            raise UserError(f"cache: no complete latent cache for source {self.source.name!r} at resolution "
+                            f"{self.resolution} under {self.root}, and no encoders to build one: attach "
+                            "the encoders (e.g. run prepare.py) first")
+        raise UserError(f"cache: {len(found)} complete caches match source {self.source.name!r} at "
+                        f"resolution {self.resolution} under {self.root} (different encoders: "
+                        f"{', '.join(p.name for p, _ in found)}); attach the encoders to choose one")
+
+    def is_complete(self) -> bool:
+        """True if the folder holds a finished cache for exactly this key."""
+        try:
+            path = self.path
+        except UserError:
+            return False
+        if not (path / "COMPLETE").exists():
+            return False
+        stored = _read_json(path / "key.json")
+        if stored != json.loads(json.dumps(self.key)):  # compare as JSON (tuples become lists)
+            raise UserError(f"cache: {path}/key.json does not match the expected key (hash collision or an "
+                            "edited folder); delete the folder to rebuild it")
+        return True
+
+    # ---- building --------------------------------------------------------------------------------
+
+    def _shard_ranges(self) -> list[tuple[int, int]]:
+        n = len(self.source)
+        return [(start, min(start + self.shard_size, n)) for start in range(0, n, self.shard_size)]
+
+    def _shard_done(self, shard: int, start: int, stop: int) -> dict | None:
+        """The shard's metadata if it was finished under this key (resume), else None."""
+        meta = _read_json(self.path / f"shard-{shard:05d}.json")
+        if (isinstance(meta, dict) and meta.get("key_hash") == key_hash(self.key)
+                and meta.get("start") == start and meta.get("stop") == stop
+                and (self.path / f"shard-{shard:05d}.pt").exists()):
+            return meta
+        return None
+
+    def build(self) -> str:
+        """Build the cache if it is not complete; return (and log) the one-line summary.
+
+        A complete cache is reused without calling the encoders. Raises UserError when no encoders are
+        attached and building is needed, or when more than ``max_bad_fraction`` of the pairs are unusable
+        (then no COMPLETE marker is written; finished shards are kept for the next attempt).
+        """
+        if self.is_complete():
+            summary = _read_json(self.path / "COMPLETE")["summary"]
+            log.info("cache: reusing %s (%s)", self.path, summary)
+            return summary
+        if self.encoders is None:
+            raise UserError(f"cache: the latent cache for source {self.source.name!r} at resolution "
+                            f"{self.resolution} is missing or unfinished under {self.root}, and no encoders "
+                            "are attached to build it: attach them (datamodule.attach_encoders) first")
+        skipped_by_source = self.source.skipped
+        total = len(self.source) + skipped_by_source.total
+        if total == 0:
+            raise UserError(f"cache: source {self.source.name!r} is empty ({self.source.fingerprint()})")
+        # The source's own drops are known before decoding anything: fail before hours of encoding.
+        self._check_bad_fraction(skipped_by_source.total, total, self._source_examples())
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        _write_json(self.path / "key.json", self.key)
+        ranges = self._shard_ranges()
+        metas: dict[int, dict] = {}
+        todo = []
+        for shard, (start, stop) in enumerate(ranges):
+            meta = self._shard_done(shard, start, stop)
+            if meta is None:
+                todo.append(shard)
+            else:
+                metas[shard] = meta
+        if metas:
+            log.info("cache: resuming %s: %d of %d shards already built", self.path, len(metas), len(ranges))
+        if todo:
+            metas.update(self._encode_shards(todo, ranges))
+        if not (self.path / "null_text_embed.pt").exists():
+            with torch.no_grad():
+                null = self.encoders.encode_prompts([""])[0].to("cpu", torch.float16).contiguous()
+            _write_atomic(self.path / "null_text_embed.pt", lambda tmp: torch.save(null, tmp))
+
+        bad_reasons = Counter(skipped_by_source.counts)
+        bad_keys = self._source_examples()
+        for shard in range(len(ranges)):
+            for key, reason in metas[shard]["bad"]:
+                bad_reasons[reason] += 1
+                bad_keys.append(key)
+        encoded = sum(len(metas[s]["keys"]) for s in range(len(ranges)))
+        summary = summary_line(encoded, total, bad_reasons, bad_keys)
+        log.info(summary)
+        self._check_bad_fraction(sum(bad_reasons.values()), total, bad_keys, summary)
+        if encoded == 0:
+            raise UserError(f"cache: no usable pairs in source {self.source.name!r} ({summary})")
+        _write_json(self.path / "COMPLETE", {"encoded": encoded, "total": total, "shards": len(ranges),
+                                             "skipped": dict(bad_reasons), "summary": summary})
+        return summary
+
+    def _source_examples(self) -> list[str]:
+        return [key for keys in self.source.skipped.examples.values() for key in keys]
+
+    def _check_bad_fraction(self, bad: int, total: int, keys: list[str], summary: str = "") -> None:
+        if bad / total > self.max_bad_fraction:
+            raise UserError(f"cache: {bad:,} of {total:,} pairs of source {self.source.name!r} are unusable "
+                            f"({bad / total:.1%} > max_bad_fraction={self.max_bad_fraction}), e.g. "
+                            f"{', '.join(keys[:5])}; fix or remove them, or raise max_bad_fraction"
+                            + (f" [{summary}]" if summary else ""))
+
+    def _encode_shards(self, todo: list[int], ranges: list[tuple[int, int]]) -> dict[int, dict]:
+        """Decode in a DataLoader, encode in batches, write each shard as soon as its last batch is done."""
+        # Batches never straddle a shard, so a shard is finished exactly when its last batch arrives.
+        batches, last_batch_of = [], {}
+        for shard in todo:
+            start, stop = ranges[shard]
+            batches += [list(range(i, min(i + self.encode_batch_size, stop)))
+                        for i in range(start, stop, self.encode_batch_size)]
+            last_batch_of[len(batches) - 1] = shard
+        loader = DataLoader(_SourceImages(self.source, self.resolution), batch_sampler=batches,
+                            num_workers=self.num_workers, collate_fn=_collate)
+        h = self.resolution // self.encoders.vae_scale
+        metas, parts = {}, []
+        bar = tqdm(total=sum(len(b) for b in batches), desc=f"encoding {self.source.name}", unit="img",
+                   disable=not self.progress)
+        with torch.no_grad(), bar:
+            for b, batch in enumerate(loader):
+                if batch.indices:
+                    mean, std = self.encoders.encode_images(batch.pixels.to(self.encoders.device))
+                    text = self.encoders.encode_prompts(batch.captions)
+                    if mean.shape[1:] != (4, h, h) or std.shape != mean.shape or text.shape[0] != len(mean):
+                        raise RuntimeError(
+                            f"encoders returned latents {tuple(mean.shape)}/{tuple(std.shape)} and text "
+                            f"{tuple(text.shape)} for {len(batch.indices)} images at resolution "
+                            f"{self.resolution}; expected [b,4,{h},{h}] and [b,77,D]")
+                    parts.append((batch, mean.to("cpu", torch.float16), std.to("cpu", torch.float16),
+                                  text.to("cpu", torch.float16)))
+                else:
+                    parts.append((batch, None, None, None))
+                bar.update(len(batch.indices) + len(batch.bad))
+                if b in last_batch_of:
+                    shard = last_batch_of[b]
+                    metas[shard] = self._write_shard(shard, ranges[shard], parts)
+                    parts = []
+        return metas
+
+    def _write_shard(self, shard: int, span: tuple[int, int], parts: list) -> dict:
+        good = [p for p in parts if p[1] is not None]
+        tensors = {name: torch.cat([p[k] for p in good]) if good else torch.empty(0, dtype=torch.float16)
+                   for k, name in ((1, "latent_mean"), (2, "latent_std"), (3, "text_embeds"))}
+        meta = {"key_hash": key_hash(self.key), "start": span[0], "stop": span[1],
+                "indices": [i for p in parts for i in p[0].indices],
+                "keys": [k for p in parts for k in p[0].keys],
+                "captions": [c for p in parts for c in p[0].captions],
+                "bad": [list(kr) for p in parts for kr in p[0].bad]}
+        # Tensors first, then the metadata that declares the shard finished.
+        _write_atomic(self.path / f"shard-{shard:05d}.pt", lambda tmp: torch.save(tensors, tmp))
+        _write_json(self.path / f"shard-{shard:05d}.json", meta)
+        return meta
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    def load(self) -> CachedLatents:
+        """Read the complete cache into RAM (one file read per shard; no per-item I/O afterwards)."""
+        if not self.is_complete():
+            raise UserError(f"cache: {self.path} is not complete; build it first (LatentCache.build or "
+                            "the datamodule's prepare_data)")
+        complete = _read_json(self.path / "COMPLETE")
+        tensors: dict[str, list[torch.Tensor]] = {"latent_mean": [], "latent_std": [], "text_embeds": []}
+        captions, keys, indices = [], [], []
+        for shard in range(complete["shards"]):
+            meta = _read_json(self.path / f"shard-{shard:05d}.json")
+            try:
+                data = torch.load(self.path / f"shard-{shard:05d}.pt", map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError) as error:
+                raise UserError(f"cache: {self.path}/shard-{shard:05d}.pt is unreadable ({error}); delete "
+                                f"{self.path} to rebuild it") from None
+            if meta is None or len(meta["keys"]) != len(data["latent_mean"]):
+                raise UserError(f"cache: {self.path}/shard-{shard:05d} is damaged; delete {self.path} to "
+                                "rebuild it")
+            if meta["keys"]:
+                for name in tensors:
+                    tensors[name].append(data[name])
+            captions += meta["captions"]
+            keys += meta["keys"]
+            indices += meta["indices"]
+        null = torch.load(self.path / "null_text_embed.pt", map_location="cpu", weights_only=True)
+        return CachedLatents(latent_mean=torch.cat(tensors["latent_mean"]),
+                             latent_std=torch.cat(tensors["latent_std"]),
+                             text_embeds=torch.cat(tensors["text_embeds"]), null_text_embed=null,
+                             captions=captions, keys=keys, indices=torch.tensor(indices, dtype=torch.long))

@@ -1,0 +1,238 @@
+"""The training loop CT, CD and MCD share; each method fills in only where its maths differs.
+
+One training step (algorithms.md): draw a solver pair t_hi > t_lo and noise, make x_hi from the data,
+make x_lo one solver step earlier (:meth:`previous_point`: the teacher's guided DDIM step, or CT's oracle),
+and pull the student's consistency output at x_hi towards the stop-gradient target at x_lo. The consistency
+function (:meth:`consistency`) and the boundary a pair maps to (:meth:`boundary`) are the other two seams.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Callable, Iterator
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import grad_norm
+
+from ..diffusion.denoiser import Denoiser
+from ..diffusion.grid import sample_training_pairs, solver_grid
+from ..diffusion.losses import make_loss
+from ..diffusion.parameterization import Prediction
+from ..diffusion.samplers import Conditioning
+from ..diffusion.schedule import NoiseSchedule
+from ..models.lora import adapters_disabled, add_lora, cast_for_training
+from .ema import EmaWeights
+from .sampling import SamplerKind, generate_latents, unet_network
+
+OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+
+_HALF_DTYPES = {"16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ConsistencyModule(L.LightningModule):
+    """Base LightningModule: a LoRA student on a frozen UNet, trained towards its own stop-gradient target.
+
+    Args:
+        unet: the diffusers UNet2DConditionModel (frozen weights; LoRA adapters are added here).
+        schedule: the model's noise schedule (read from its scheduler config).
+        lora: ``{rank, alpha, dropout, target_modules}`` for :func:`add_lora`.
+        optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
+        lr_scheduler: ``optimizer -> LRScheduler`` or None; stepped every optimizer step.
+        num_solver_steps: N, the DDIM solver grid size (skip k = T // N).
+        loss: 'pseudo_huber' (c = ``huber_c``), 'pseudo_huber_norm' (iCT) or 'l2'.
+        target: 'student' (the student itself under no-grad, as LCM-LoRA) or 'ema' (an EMA of the LoRA weights).
+        gradient_checkpointing: trade compute for memory in the UNet.
+        sample_steps: default number of steps for this method's sampler.
+    """
+
+    sampler_kind: SamplerKind = "multistep"
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        schedule: NoiseSchedule,
+        *,
+        lora: dict,
+        optimizer: OptimizerFactory,
+        lr_scheduler: Callable | None = None,
+        num_solver_steps: int = 50,
+        loss: str = "pseudo_huber",
+        huber_c: float | None = 0.001,
+        target: str = "student",
+        ema_decay: float = 0.95,
+        gradient_checkpointing: bool = True,
+        sample_steps: int = 4,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["unet", "schedule", "optimizer", "lr_scheduler"])
+        if target not in ("student", "ema"):
+            raise ValueError(f"method.target={target!r} is not one of 'student', 'ema'")
+        self.unet = unet
+        self.schedule = schedule
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.grid = solver_grid(schedule.num_train_timesteps, num_solver_steps)
+        self.loss_fn = make_loss(loss, huber_c)
+        self.num_trainable = add_lora(unet, **lora)
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.ema = EmaWeights(self.trainable_parameters(), ema_decay) if target == "ema" else None
+        self.null_context: torch.Tensor | None = None  # the empty prompt's embedding, from the datamodule
+        self.strict_loading = False  # checkpoints hold the LoRA weights only
+
+    # ------------------------------------------------------------------ the three seams of a method
+    def previous_point(
+        self, x0: torch.Tensor, noise: torch.Tensor, x_hi: torch.Tensor, t_hi: torch.Tensor, t_lo: torch.Tensor,
+        context: torch.Tensor,
+    ) -> torch.Tensor:
+        """x_lo, one solver step before x_hi (no grad): the teacher's guided DDIM step or CT's oracle."""
+        raise NotImplementedError
+
+    def consistency(self, x_t: torch.Tensor, t: torch.Tensor, pred: Prediction, boundary: torch.Tensor) -> torch.Tensor:
+        """The consistency function f(x_t, t) given the network's prediction at x_t."""
+        raise NotImplementedError
+
+    def boundary(self, t_lo: torch.Tensor) -> torch.Tensor:
+        """The boundary each pair maps to (0 for single-boundary CT/CD; the segment's left edge for MCD)."""
+        return torch.zeros_like(t_lo)
+
+    # ------------------------------------------------------------------ shared pieces
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def student(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> Prediction:
+        return Denoiser(unet_network(self.unet), self.schedule)(x_t, t, context)
+
+    @torch.no_grad()
+    def teacher(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance_scale) -> Prediction:
+        """The frozen base model (adapters switched off: no second copy of the weights), with CFG."""
+        with adapters_disabled(self.unet):
+            return Denoiser(unet_network(self.unet), self.schedule)(
+                x_t, t, context, guidance_scale=guidance_scale, null_context=self.null_context
+            )
+
+    def training_context(self, context: torch.Tensor) -> torch.Tensor:
+        """The text context the student sees; CT overrides it to drop captions."""
+        return context
+
+    def pair_weights(self, t_hi: torch.Tensor, t_lo: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss weights, or None for uniform (iCT weighting in CT)."""
+        return None
+
+    def training_grid(self) -> torch.Tensor:
+        """The solver grid at the current step (CT's curriculum changes it)."""
+        return self.grid
+
+    def pair_index_weights(self, grid: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    @torch.no_grad()
+    def target(self, x_lo: torch.Tensor, t_lo: torch.Tensor, context: torch.Tensor, boundary: torch.Tensor) -> torch.Tensor:
+        """Stop-gradient target f(x_lo, t_lo); exactly x_lo where t_lo is already on the boundary."""
+
+        def evaluate() -> torch.Tensor:
+            return self.consistency(x_lo, t_lo, self.student(x_lo, t_lo, context), boundary)
+
+        if self.ema is not None:
+            with self.ema.swapped():
+                f = evaluate()
+        else:
+            f = evaluate()
+        on_boundary = (t_lo == boundary).view(-1, *([1] * (x_lo.ndim - 1)))
+        return torch.where(on_boundary, x_lo, f)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "null_text_embed", None) is not None:
+            self.null_context = datamodule.null_text_embed
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        half = _HALF_DTYPES.get(precision.split("-")[0])
+        if half is not None:  # frozen weights in the run's half dtype; LoRA stays float32 for the optimizer
+            cast_for_training(self.unet, half)
+
+    def on_fit_start(self) -> None:
+        self.schedule = replace(self.schedule, alphas_cumprod=self.schedule.alphas_cumprod.to(self.device))
+        if self.null_context is not None:
+            self.null_context = self.null_context.to(self.device, torch.float32)
+        if self.ema is not None:
+            self.ema.shadow = [s.to(self.device) for s in self.ema.shadow]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x0 = batch["latents"].float()
+        context = batch["text_embeds"].float()
+        grid = self.training_grid().to(self.device)
+        t_hi, t_lo = sample_training_pairs(grid, x0.shape[0], index_weights=self.pair_index_weights(grid))
+        noise = torch.randn_like(x0)
+        x_hi = self.schedule.add_noise(x0, noise, t_hi)
+        boundary = self.boundary(t_lo)
+        x_lo = self.previous_point(x0, noise, x_hi, t_hi, t_lo, context)
+        student_context = self.training_context(context)
+        pred = self.consistency(x_hi, t_hi, self.student(x_hi, t_hi, student_context), boundary)
+        target = self.target(x_lo, t_lo, student_context, boundary)
+        per_sample = self.loss_fn(pred, target)
+        weights = self.pair_weights(t_hi, t_lo)
+        loss = per_sample.mean() if weights is None else (per_sample * weights).sum() / weights.sum()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {self.global_step}: {loss.item()}")
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/t_hi_mean", t_hi.float().mean())
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = grad_norm(self.unet, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update()
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Keep the LoRA weights only: the frozen UNet is reloaded from the model, not stored 860 M times over.
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        if self.ema is not None:
+            checkpoint["ema"] = [s.cpu() for s in self.ema.state_dict()]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    # ------------------------------------------------------------------ sampling
+    def sampler_options(self) -> dict:
+        """Extra arguments of this method's sampler (MCD: its edges)."""
+        return {"num_solver_steps": self.grid.numel()}
+
+    def default_sample_steps(self) -> int:
+        return self.hparams.sample_steps
+
+    @torch.no_grad()
+    def sample_latents(
+        self, noise: torch.Tensor, context: torch.Tensor, *, steps: int | None = None, guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample with this method's own sampler (CT/CD multistep, MCD edge jumps) from ``noise``."""
+        cond = Conditioning(context, self.null_context, guidance_scale)
+        return generate_latents(
+            self.unet, self.schedule, self.sampler_kind, noise, cond, steps=steps or self.default_sample_steps(),
+            generator=generator, **self.sampler_options(),
+        )
+
+    @contextmanager
+    def weights_for_export(self) -> Iterator[None]:
+        """The LoRA weights to export: the EMA values when the target is an EMA (its averaged student), else as is."""
+        if self.ema is None:
+            yield
+        else:
+            with self.ema.swapped():
+                yield

@@ -1,0 +1,44 @@
+"""An exponential moving average of the trainable (LoRA) weights, used as the consistency target when asked."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+
+class EmaWeights:
+    """Shadow copies of ``params``; ``swapped()`` runs a block with the averaged values in place."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema_decay={decay} must be in [0, 1)")
+        self.params = params
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for shadow, param in zip(self.shadow, self.params):
+            shadow.lerp_(param.detach().to(shadow.dtype), 1.0 - self.decay)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for param, shadow in zip(self.params, self.shadow):
+                param.copy_(shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, saved in zip(self.params, backup):
+                    param.copy_(saved)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, shadow: list[torch.Tensor]) -> None:
+        for mine, saved in zip(self.shadow, shadow):
+            mine.copy_(saved)

@@ -1,0 +1,97 @@
+"""Train CT, CD or MCD: ``python -m cm_lightning.train method=mcd boundaries=4``.
+
+Composes ``conf/train.yaml``, loads the model (SD1.5 or a local diffusers folder), builds the latent cache through
+the datamodule's frozen encoders, trains the LoRA with Lightning, then writes the last checkpoint and the LoRA in
+diffusers format under the run folder (``outputs/train/<method>/<time>/``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from .cli import compute_device, load_model, one_line_errors, parse_dtype
+from .diffusion.schedule import NoiseSchedule
+from .models.encoders import FrozenEncoders
+from .models.lora import save_lora_diffusers
+
+log = logging.getLogger("cm_lightning.train")
+
+
+def build_module(cfg: DictConfig, components) -> L.LightningModule:
+    """The method's LightningModule over the model's UNet, with the run's LoRA, optimizer and schedule."""
+    # objects go in through the partial, not through instantiate (which would turn dataclasses into configs)
+    factory = instantiate(cfg.method.module, _partial_=True)
+    return factory(
+        unet=components.unet,
+        schedule=NoiseSchedule.from_scheduler_config(components.scheduler_config),
+        lora=OmegaConf.to_container(cfg.lora, resolve=True),
+        optimizer=instantiate(cfg.optimizer),
+        lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+    )
+
+
+def write_run_summary(folder: Path, cfg: DictConfig, module) -> None:
+    """What sample/export need to know about a run: the method, its sampler and its edges."""
+    summary = {
+        "method": cfg.method.name,
+        "sampler": module.sampler_kind,
+        "sample_steps": module.default_sample_steps(),
+        "num_solver_steps": int(module.grid.numel()),
+        "edges": module.sampler_options().get("edges", None),
+        "model": cfg.model.pretrained,
+        "lora": OmegaConf.to_container(cfg.lora, resolve=True),
+    }
+    if summary["edges"] is not None:
+        summary["edges"] = summary["edges"].tolist()
+    (folder / "cm_lightning.json").write_text(json.dumps(summary, indent=2))
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one training job from a composed config; returns the final logged metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    components = load_model(cfg.model)
+    device = compute_device(cfg.trainer.accelerator)
+    encoders = FrozenEncoders.from_components(
+        components, device=device, dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype")
+    )
+    datamodule = instantiate(cfg.data.datamodule)
+    datamodule.attach_encoders(encoders)
+    module = build_module(cfg, components)
+    log.info("%s: %s trainable LoRA parameters", cfg.method.name, f"{module.num_trainable:,}")
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    output_dir = Path(cfg.paths.output_dir)
+    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
+    if trainer.is_global_zero:
+        lora_dir = output_dir / "lora"
+        with module.weights_for_export():
+            save_lora_diffusers(components.unet, lora_dir)
+        write_run_summary(lora_dir, cfg, module)
+        OmegaConf.save(cfg, lora_dir / "train_config.yaml", resolve=True)
+        log.info("LoRA weights written to %s", lora_dir)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@one_line_errors
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get("train/loss")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The training entry point through the real configs: composition, end-to-end CPU runs, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from cm_lightning.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+@pytest.fixture(scope="session")
+def run_dirs(tmp_path_factory):
+    """A cache shared by every training test in the session (tiny model and latents built once)."""
+    return tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("runs")
+
+
+def quick_overrides(cache: Path, out: Path, method: str) -> list[str]:
+    return [
+        f"method={method}", "model=tiny", "data=shapes", "trainer=cpu", "trainer.max_steps=6", "lora.rank=4",
+        "batch_size=4", "data.datamodule.source.num_images=32", "data.datamodule.progress=false",
+        f"paths.cache_dir={cache}", f"paths.output_dir={out}", "logger=none", "lr_scheduler=constant",
+        "optimizer.lr=1e-3",
+    ]
+
+
+REQUIRED = {"data=coco5k": ["data.root=/data/coco"], "data=manifest": ["data.path=/data/train.jsonl"]}
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in ["method", "model", "data", "solver", "lora", "optimizer", "lr_scheduler", "trainer",
+                      "callbacks", "logger", "experiment"] for o in group_options(g)],
+)
+def test_every_config_group_option_composes_and_resolves(group, option, tmp_path):
+    override = f"{group}={option}"
+    required = REQUIRED.get(override, [] if group == "data" else ["++data.root=/data/coco"])
+    cfg = compose_train(override, *required, f"paths.output_dir={tmp_path}")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["method"]["module"]["_target_"].startswith("cm_lightning.methods.")
+    assert resolved["batch_size"] >= 1
+
+
+def test_defaults_are_the_seeds_setup(tmp_path):
+    cfg = compose_train("data.root=/coco", f"paths.output_dir={tmp_path}")
+    assert cfg.method.name == "cd" and cfg.model.name == "sd15" and cfg.data.name == "coco5k"
+    assert cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5" and cfg.model.resolution == 512
+    assert cfg.batch_size == 8 and cfg.data.datamodule.batch_size == 8 and cfg.data.datamodule.source.num_pairs == 5000
+    assert cfg.lora.rank == 64 and cfg.lora.alpha == 64
+    assert cfg.trainer.precision == "16-mixed" and cfg.method.module.gradient_checkpointing is True
+    assert cfg.method.module.loss == "pseudo_huber" and cfg.method.module.huber_c == 0.001
+    assert cfg.solver.num_timesteps == 50 and cfg.method.module.num_solver_steps == 50
+
+
+def test_top_level_knobs_reach_their_modules(tmp_path):
+    cfg = compose_train("method=mcd", "boundaries=8", "lora.rank=16", "trainer.accumulate_grad_batches=4",
+                        "solver.num_timesteps=25", "data.root=/coco", f"paths.output_dir={tmp_path}")
+    assert cfg.method.module.num_segments == 8 and cfg.method.module.sample_steps == 8
+    assert cfg.lora.alpha == 16 and cfg.method.module.num_solver_steps == 25
+    assert cfg.trainer.accumulate_grad_batches == 4
+
+
+def _lora_weights(unet) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in unet.named_parameters() if "lora" in n}
+
+
+@pytest.mark.parametrize("method", ["cd", "ct", "mcd"])
+def test_each_method_trains_end_to_end_on_cpu(method, run_dirs, monkeypatch):
+    cache, runs = run_dirs
+    out = runs / method
+    captured = {}
+    import cm_lightning.train as train_module
+
+    original = train_module.build_module
+
+    def capturing_build_module(cfg, components):
+        module = original(cfg, components)
+        captured["module"], captured["before"] = module, _lora_weights(components.unet)
+        return module
+
+    monkeypatch.setattr(train_module, "build_module", capturing_build_module)
+    metrics = train(compose_train(*quick_overrides(cache, out, method)))
+
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    after = _lora_weights(captured["module"].unet)
+    changed = [n for n in after if not torch.equal(after[n], captured["before"][n])]
+    assert len(changed) > len(after) // 2, "most LoRA tensors should have moved"
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    summary = json.loads((out / "lora" / "cm_lightning.json").read_text())
+    assert summary["method"] == method
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["state_dict"] and all("lora" in k for k in checkpoint["state_dict"])  # no frozen weights
+    if method == "mcd":
+        assert summary["edges"] == [0, 259, 519, 779] and summary["sample_steps"] == 4
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cm_lightning.train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_missing_model_folder_is_one_clear_line(tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = run_cli(f"model.pretrained={missing}", "data=shapes", "trainer=cpu", f"hydra.run.dir={tmp_path}/run",
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(missing) in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_method_names_it_and_the_choices(tmp_path):
+    result = run_cli("method=consistency", f"hydra.run.dir={tmp_path}/run", cwd=ROOT)
+    assert result.returncode != 0
+    assert "method/consistency" in result.stderr and "cd" in result.stderr and "mcd" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_print_composed_config_with_seed_defaults():
+    result = run_cli("--cfg", "job", "method=cd", cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout
+    for expected in ["stable-diffusion-v1-5/stable-diffusion-v1-5", "rank: 64", "precision: 16-mixed",
+                     "loss: pseudo_huber", "num_pairs: 5000", "batch_size: 8"]:
+        assert expected in printed, expected
