@@ -1,0 +1,128 @@
+"""The frozen VAE and text encoder: images and prompts in, latents and embeddings out, and back to pixels.
+
+Precision: SD1.5's VAE overflows in float16 (NaN/inf latents and black images), so these run in
+float32 or bfloat16 only. Outputs are always float32, whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from diffusers import AutoencoderKL
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from cm_lightning.errors import UserError
+from cm_lightning.models.components import SDComponents
+
+_SAMPLES_PER_TENSOR = 64  # values of each tensor that go into the weight fingerprint
+
+
+class FrozenEncoders:
+    """The frozen VAE and text encoder: encode images and prompts for the latent cache, decode latents for samples."""
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        identity_source: str = "",
+    ):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise UserError(
+                f"encoders dtype {dtype} is not supported: SD1.5's VAE overflows in float16; use float32 or bfloat16"
+            )
+        self.vae = vae.eval().requires_grad_(False)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.identity_source = identity_source
+        self.scaling_factor: float = float(vae.config.scaling_factor)
+        self.vae_scale: int = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.to(device)
+
+    @classmethod
+    def from_components(cls, c: SDComponents, **kwargs) -> FrozenEncoders:
+        """Wrap the VAE, text encoder and tokenizer of ``c``; ``identity_source`` defaults to ``c.source``."""
+        kwargs.setdefault("identity_source", c.source)
+        return cls(c.vae, c.text_encoder, c.tokenizer, **kwargs)
+
+    def to(self, device: str | torch.device) -> FrozenEncoders:
+        """Move both networks to ``device`` (in place, keeping the compute dtype); returns self."""
+        self.device = torch.device(device)
+        for model in (self.vae, self.text_encoder):
+            if model.dtype != self.dtype:  # diffusers warns on any dtype cast, even a no-op one
+                model.to(self.dtype)
+            model.to(self.device)
+        return self
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """Pixels [B, 3, H, W] in [-1, 1] -> posterior (mean, std), each [B, C, H/s, W/s] float32.
+
+        Both are already multiplied by ``scaling_factor``: a latent sample is ``mean + std * noise``.
+        """
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or any(n % self.vae_scale for n in pixels.shape[-2:]):
+            raise ValueError(
+                f"pixels must be [B, 3, H, W], H and W divisible by {self.vae_scale}: {tuple(pixels.shape)}"
+            )
+        posterior = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return (posterior.mean * self.scaling_factor).float(), (posterior.std * self.scaling_factor).float()
+
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Prompts -> text encoder last_hidden_state [B, 77, D] float32 (padded to 77 tokens, truncated)."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        # No attention mask: SD1.5 was trained on the embeddings of the padded sequence.
+        return self.text_encoder(ids.to(self.device))[0].float()
+
+    @torch.inference_mode()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents [B, C, h, w] -> pixels [B, 3, h*s, w*s] float32, clamped to [-1, 1]."""
+        pixels = self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample
+        return pixels.float().clamp(-1, 1)
+
+    def identity(self) -> dict:
+        """JSON-able description that changes when the encoders would give other outputs (for cache keys).
+
+        Holds the source, class names, compute dtype, a sha256 of both configs and the tokenizer's vocabulary,
+        and a sha256 over a strided sample of every weight tensor (cheap even for SD1.5).
+        """
+        configs = {
+            "vae": dict(self.vae.config),
+            "text_encoder": self.text_encoder.config.to_dict(),
+            "tokenizer": {"vocab": self.tokenizer.get_vocab(), "max_length": self.tokenizer.model_max_length},
+        }
+        config_json = json.dumps(configs, sort_keys=True, default=str)
+        return {
+            "source": self.identity_source,
+            "vae": type(self.vae).__name__,
+            "text_encoder": type(self.text_encoder).__name__,
+            "tokenizer": type(self.tokenizer).__name__,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:16],
+            "weights_sha256": _weights_fingerprint(self.vae, self.text_encoder),
+        }
+
+
+def _weights_fingerprint(*models: torch.nn.Module) -> str:
+    """sha256 (16 hex digits) over names, shapes and ~64 evenly spaced values of every parameter."""
+    digest = hashlib.sha256()
+    for model in models:
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // _SAMPLES_PER_TENSOR)].float().cpu()
+            digest.update(f"{name}{tuple(param.shape)}".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]

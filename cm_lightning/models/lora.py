@@ -1,0 +1,153 @@
+"""LoRA adapters on the SD UNet (peft): add, cast, switch off for the teacher, save and load, export.
+
+The adapter is always peft's ``"default"`` adapter, which is what ``UNet2DConditionModel.add_adapter``
+creates. Exported files use diffusers' LoRA format with the adapter config in the safetensors metadata,
+so ``pipe.load_lora_weights(folder)`` rebuilds the same ``lora_alpha / r`` scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import Tensor
+
+from cm_lightning.errors import UserError
+
+ADAPTER = "default"
+
+# The diffusers LCM-LoRA script's targets: attention, feed-forward, resnet convs, resampling, time embedding.
+DEFAULT_TARGETS: tuple[str, ...] = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
+
+
+def add_lora(
+    unet: UNet2DConditionModel,
+    *,
+    rank: int = 64,
+    alpha: float = 64,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+) -> int:
+    """Freeze the UNet and add a LoRA adapter (scale ``alpha / rank``); returns the number of trainable params.
+
+    ``init_lora_weights="gaussian"`` as in diffusers' LCM script: A is Gaussian, B is zero, so the adapted
+    UNet starts out equal to the base UNet.
+    """
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(target_modules),
+    )
+    unet.add_adapter(config, adapter_name=ADAPTER)
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def cast_for_training(unet: UNet2DConditionModel, frozen_dtype: torch.dtype) -> None:
+    """Frozen params (and buffers) to ``frozen_dtype``; trainable (LoRA) params stay float32 for the optimizer."""
+    unet.to(frozen_dtype)
+    cast_training_params(unet, dtype=torch.float32)
+
+
+@contextmanager
+def adapters_disabled(unet: UNet2DConditionModel) -> Iterator[UNet2DConditionModel]:
+    """The base UNet (the teacher) inside the block; the adapters' previous on/off state is restored after,
+    even on an exception."""
+    was_enabled = _adapters_enabled(unet)
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        if was_enabled:
+            unet.enable_adapters()
+
+
+def _adapters_enabled(unet: UNet2DConditionModel) -> bool:
+    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ValueError("the UNet has no LoRA adapter: call add_lora first")
+    return not layers[0].disable_adapters
+
+
+def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, Tensor]:
+    """The adapter's weights in peft's key format (``...to_q.lora_A.weight``), for our own checkpoints."""
+    return get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+
+
+def load_lora_state_dict(unet: UNet2DConditionModel, state: dict[str, Tensor]) -> None:
+    """Load weights from :func:`lora_state_dict` into a UNet that has the same adapter (rank and targets).
+
+    A checkpoint that does not fit (other rank, other targets) raises UserError before anything is changed.
+    """
+    expected = {k: tuple(v.shape) for k, v in lora_state_dict(unet).items()}
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    if given != expected:
+        missing = sorted(expected.keys() - given.keys())
+        extra = sorted(given.keys() - expected.keys())
+        reshaped = sorted(k for k in expected.keys() & given.keys() if expected[k] != given[k])
+        example = (missing + extra + reshaped)[0]
+        raise UserError(
+            f"LoRA checkpoint does not fit this UNet's adapter: {len(missing)} missing, {len(extra)} unexpected, "
+            f"{len(reshaped)} reshaped tensors (e.g. {example}); check lora rank and targets"
+        )
+    set_peft_model_state_dict(unet, state, adapter_name=ADAPTER)
+
+
+def lora_config_of(unet: UNet2DConditionModel) -> dict:
+    """The adapter's rank, alpha, dropout and sorted target modules, for model cards and logs."""
+    config = unet.peft_config[ADAPTER]
+    return {
+        "rank": config.r,
+        "alpha": config.lora_alpha,
+        "dropout": config.lora_dropout,
+        "target_modules": sorted(config.target_modules),
+    }
+
+
+def save_lora_diffusers(
+    unet: UNet2DConditionModel,
+    folder: str | Path,
+    *,
+    weight_name: str = "pytorch_lora_weights.safetensors",
+) -> Path:
+    """Write the adapter as a diffusers LoRA file that ``pipe.load_lora_weights(folder)`` loads; returns its path.
+
+    Keys are peft's (``unet.<module>.lora_A.weight``), as diffusers' LCM-LoRA script saves them.
+    ``convert_state_dict_to_diffusers`` is not used: it renames only the attention keys (``to_q.lora.down``),
+    and diffusers' loader, seeing ``lora_A`` keys elsewhere, then silently skips those attention layers.
+    The peft config goes into the file's metadata (``unet_lora_adapter_metadata``): without it diffusers
+    would assume ``lora_alpha == rank`` and apply the wrong scale whenever they differ.
+    """
+    state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        save_directory=str(folder),
+        unet_lora_layers=state,
+        weight_name=weight_name,
+        safe_serialization=True,
+        unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
+    )
+    return Path(folder) / weight_name
