@@ -7,7 +7,6 @@ diffusers format under the run folder (``outputs/train/<method>/<time>/``).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from .cli import compute_device, load_model, one_line_errors, parse_dtype
 from .diffusion.schedule import NoiseSchedule
 from .models.encoders import FrozenEncoders
 from .models.lora import save_lora_diffusers
+from .pipeline import RunInfo
 
 log = logging.getLogger("cm_lightning.train")
 
@@ -38,20 +38,18 @@ def build_module(cfg: DictConfig, components) -> L.LightningModule:
     )
 
 
-def write_run_summary(folder: Path, cfg: DictConfig, module) -> None:
-    """What sample/export need to know about a run: the method, its sampler and its edges."""
-    summary = {
-        "method": cfg.method.name,
-        "sampler": module.sampler_kind,
-        "sample_steps": module.default_sample_steps(),
-        "num_solver_steps": int(module.grid.numel()),
-        "edges": module.sampler_options().get("edges", None),
-        "model": cfg.model.pretrained,
-        "lora": OmegaConf.to_container(cfg.lora, resolve=True),
-    }
-    if summary["edges"] is not None:
-        summary["edges"] = summary["edges"].tolist()
-    (folder / "cm_lightning.json").write_text(json.dumps(summary, indent=2))
+def run_info(cfg: DictConfig, module) -> RunInfo:
+    """What sample/export need to know about this run: the method, its sampler and its edges."""
+    edges = module.sampler_options().get("edges")
+    return RunInfo(
+        method=cfg.method.name,
+        sampler=module.sampler_kind,
+        sample_steps=module.default_sample_steps(),
+        num_solver_steps=int(module.grid.numel()),
+        edges=None if edges is None else edges.tolist(),
+        lora=OmegaConf.to_container(cfg.lora, resolve=True),
+        model=str(cfg.model.pretrained),
+    )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -80,7 +78,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         lora_dir = output_dir / "lora"
         with module.weights_for_export():
             save_lora_diffusers(components.unet, lora_dir)
-        write_run_summary(lora_dir, cfg, module)
+        run_info(cfg, module).write(lora_dir)
         OmegaConf.save(cfg, lora_dir / "train_config.yaml", resolve=True)
         log.info("LoRA weights written to %s", lora_dir)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

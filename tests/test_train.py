@@ -42,7 +42,7 @@ def quick_overrides(cache: Path, out: Path, method: str) -> list[str]:
     ]
 
 
-REQUIRED = {"data=coco5k": ["data.root=/data/coco"], "data=manifest": ["data.path=/data/train.jsonl"]}
+REQUIRED = {"data=coco5k": ["data.root=/data/coco"], "data=manifest": ["data.manifest=/data/train.jsonl"]}
 
 
 @pytest.mark.parametrize(

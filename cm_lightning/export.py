@@ -1,0 +1,111 @@
+"""Export a trained run for diffusers: ``python -m cm_lightning.export run=PATH [out=DIR]``.
+
+Writes ``pytorch_lora_weights.safetensors`` (diffusers LoRA format, ``lora_alpha`` kept in its metadata),
+``scheduler/scheduler_config.json`` (LCMScheduler for CT and CD; TCDScheduler for MCD, to be called with
+``eta=0`` and the edge timesteps), the run's training config, and a model card (README.md) saying how to load it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from .cli import one_line_errors
+from .errors import UserError
+from .pipeline import RunInfo, apply_trained_lora, resolve_run_folder
+
+log = logging.getLogger("cm_lightning.export")
+WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def scheduler_for(info: RunInfo, base_config: dict):
+    """The diffusers scheduler that reproduces the run's own sampler."""
+    from diffusers import LCMScheduler, TCDScheduler
+
+    cls = TCDScheduler if info.sampler == "edge_jumps" else LCMScheduler
+    return cls.from_config(base_config, original_inference_steps=info.num_solver_steps)
+
+
+def sampling_call(info: RunInfo) -> str:
+    """The keyword arguments of ``pipe(...)`` that sample the run as it was trained to be sampled."""
+    if info.sampler == "edge_jumps":
+        from .diffusion.grid import edge_jump_timesteps
+        import torch
+
+        timesteps = edge_jump_timesteps(torch.tensor(info.edges), 1000).tolist()
+        return f"timesteps={timesteps}, eta=0.0, guidance_scale=1.0"
+    return f"num_inference_steps={info.sample_steps}, guidance_scale=1.0"
+
+
+def model_card(info: RunInfo, base_model: str) -> str:
+    scheduler = "TCDScheduler" if info.sampler == "edge_jumps" else "LCMScheduler"
+    edges = f"\n- segment edges: {info.edges}" if info.edges else ""
+    return f"""# {info.method.upper()} LoRA for {base_model}
+
+Trained with cm_lightning ({info.method}); samples in {info.sample_steps} steps.
+
+- base model: `{base_model}`
+- LoRA: rank {info.lora.get("rank")}, alpha {info.lora.get("alpha")}
+- solver grid: {info.num_solver_steps} DDIM steps{edges}
+- scheduler: `{scheduler}` (config in `scheduler/`)
+
+```python
+from diffusers import StableDiffusionPipeline, {scheduler}
+
+pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
+pipe.scheduler = {scheduler}.from_pretrained("PATH/TO/THIS/FOLDER", subfolder="scheduler")
+pipe.load_lora_weights("PATH/TO/THIS/FOLDER")
+image = pipe("A sad puppy with large eyes", {sampling_call(info)}).images[0]
+```
+
+The training configuration is in `train_config.yaml`.
+"""
+
+
+def export_run(run: str | Path, out: str | Path, *, base_model: str | None = None) -> Path:
+    """Write the diffusers-ready folder for ``run`` (a run folder, its lora/ folder or a .ckpt) into ``out``."""
+    from diffusers import DDIMScheduler
+
+    run, out = Path(run), Path(out)
+    folder = resolve_run_folder(run)
+    info = RunInfo.read(folder)
+    base_model = base_model or info.model
+    out.mkdir(parents=True, exist_ok=True)
+    if run.suffix == ".ckpt":  # re-save the checkpoint's LoRA weights in diffusers format
+        from .models.components import load_components
+        from .models.lora import save_lora_diffusers
+
+        components = load_components(base_model)
+        apply_trained_lora(components.unet, run)
+        save_lora_diffusers(components.unet, out)
+    elif folder.resolve() != out.resolve():
+        shutil.copy2(folder / WEIGHTS, out / WEIGHTS)
+    try:
+        base_config = dict(DDIMScheduler.load_config(base_model, subfolder="scheduler"))
+    except OSError as error:
+        raise UserError(f"base model '{base_model}': no scheduler config found ({error.__class__.__name__})") from None
+    scheduler_for(info, base_config).save_pretrained(out / "scheduler")
+    for name in ("train_config.yaml",):
+        if (folder / name).is_file() and folder.resolve() != out.resolve():
+            shutil.copy2(folder / name, out / name)
+    info.write(out)
+    (out / "README.md").write_text(model_card(info, base_model))
+    log.info("exported %s (%s) to %s", info.method, base_model, out)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@one_line_errors
+def main(cfg: DictConfig) -> None:
+    if not cfg.run:
+        raise UserError("run: pass the training run to export, e.g. run=outputs/train/mcd/2026-01-01_12-00-00")
+    out = cfg.out or str(Path(cfg.run if Path(cfg.run).is_dir() else Path(cfg.run).parent) / "export")
+    print(export_run(cfg.run, out, base_model=cfg.base_model))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""A model ready to draw: SD components, an optional trained LoRA, and the sampler its method needs.
+
+``Drawer`` is what ``sample``, ``compare`` and ``evaluate`` share: prompts in, images out, with the noise
+chosen by seed so that rows of a figure (teacher, CT, CD, MCD) start from the same noise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .diffusion.samplers import Conditioning
+from .diffusion.schedule import NoiseSchedule
+from .errors import UserError
+from .methods.sampling import SamplerKind, generate_latents
+from .models.components import SDComponents
+from .models.encoders import FrozenEncoders
+from .models.lora import add_lora, load_lora_state_dict
+
+log = logging.getLogger(__name__)
+
+RUN_SUMMARY = "cm_lightning.json"  # written beside the exported LoRA by train.py
+
+
+@dataclass
+class RunInfo:
+    """What a training run says about how to sample it (from ``lora/cm_lightning.json``)."""
+
+    method: str
+    sampler: SamplerKind
+    sample_steps: int
+    num_solver_steps: int = 50
+    edges: list[int] | None = None
+    lora: dict = field(default_factory=dict)
+    model: str = ""  # the base model the LoRA was trained on (folder or hub id)
+
+    @classmethod
+    def read(cls, folder: Path) -> "RunInfo":
+        path = folder / RUN_SUMMARY
+        if not path.is_file():
+            raise UserError(f"{path}: not found; point at a run's lora/ folder (written by cm_lightning.train)")
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (TypeError, json.JSONDecodeError) as error:
+            raise UserError(f"{path}: not a cm_lightning run summary ({error})") from None
+
+    def write(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RUN_SUMMARY).write_text(json.dumps(asdict(self), indent=2))
+
+
+def resolve_run_folder(path: str | Path) -> Path:
+    """A run folder, its ``lora/`` folder, or a checkpoint inside the run -> the ``lora/`` folder."""
+    path = Path(path)
+    candidates = [path, path / "lora", path.parent.parent / "lora" if path.suffix == ".ckpt" else None]
+    for candidate in candidates:
+        if candidate is not None and (candidate / RUN_SUMMARY).is_file():
+            return candidate
+    raise UserError(f"{path}: not a training run (no lora/{RUN_SUMMARY} found in or beside it)")
+
+
+def apply_trained_lora(unet, path: str | Path) -> RunInfo:
+    """Add the run's LoRA to ``unet`` and load its weights: from a ``.ckpt`` if given, else the exported LoRA."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    folder = resolve_run_folder(path)
+    info = RunInfo.read(folder)
+    add_lora(unet, **info.lora)
+    if path.suffix == ".ckpt":
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        load_lora_state_dict(unet, {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")})
+    else:  # the exported file holds peft's keys under diffusers' "unet." prefix
+        weights = load_file(folder / "pytorch_lora_weights.safetensors")
+        load_lora_state_dict(unet, {k.removeprefix("unet."): v for k, v in weights.items()})
+    return info
+
+
+@dataclass
+class Drawer:
+    """Draws images for prompts with one sampler. Latents are in the VAE's scaled space."""
+
+    unet: torch.nn.Module
+    encoders: FrozenEncoders
+    schedule: NoiseSchedule
+    sampler: SamplerKind
+    num_solver_steps: int = 50
+    edges: torch.Tensor | None = None
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def from_components(
+        cls, components: SDComponents, sampler: SamplerKind, *, device="cpu", dtype=torch.float32,
+        encoder_dtype=torch.float32, **options,
+    ) -> "Drawer":
+        config = components.scheduler_config
+        unet = components.unet.to(device=device, dtype=dtype).eval()
+        encoders = FrozenEncoders.from_components(components, device=device, dtype=encoder_dtype)
+        return cls(
+            unet, encoders, NoiseSchedule.from_scheduler_config(config), sampler,
+            timestep_spacing=config.get("timestep_spacing", "leading"), steps_offset=config.get("steps_offset", 0),
+            device=torch.device(device), dtype=dtype, **options,
+        )
+
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        size = self.unet.config.sample_size
+        return (batch, self.unet.config.in_channels, size, size)
+
+    def noise(self, count: int, seed: int) -> torch.Tensor:
+        """Start noise for ``count`` images, image i from seed ``seed + i`` (independent of batch size), on the CPU."""
+        shape = self.latent_shape(1)[1:]
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(count)])
+
+    @torch.no_grad()
+    def draw_latents(
+        self, prompts: list[str], *, steps: int, guidance_scale: float = 1.0, seed: int = 0,
+        noise: torch.Tensor | None = None, generator: torch.Generator | None = None, batch_size: int = 16,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Final latents [N, C, h, w] (float32, CPU) for ``prompts``, from ``noise`` or from ``seed``.
+
+        ``generator`` feeds the multistep sampler's re-noising; by default one seeded per batch from ``seed``,
+        so that a rerun gives the same images whatever else ran before.
+        """
+        noise = self.noise(len(prompts), seed) if noise is None else noise
+        null = self.encoders.encode_prompts([""])[0].to(self.device, self.dtype)
+        out = []
+        starts = range(0, len(prompts), batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc=f"{self.sampler} x{steps}", unit="batch")
+        for start in starts:
+            context = self.encoders.encode_prompts(prompts[start : start + batch_size]).to(self.device, self.dtype)
+            x = noise[start : start + batch_size].to(self.device, self.dtype)
+            batch_generator = generator or torch.Generator(device=self.device).manual_seed(seed + 1_000_003 + start)
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                latents = generate_latents(
+                    self.unet, self.schedule, self.sampler, x, Conditioning(context, null, guidance_scale),
+                    steps=steps, generator=batch_generator, num_solver_steps=self.num_solver_steps,
+                    edges=self.edges, timestep_spacing=self.timestep_spacing, steps_offset=self.steps_offset,
+                )
+            out.append(latents.float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Latents -> images [N, 3, H, W] in [-1, 1], float32 on the CPU."""
+        return torch.cat([
+            self.encoders.decode_latents(latents[i : i + batch_size].to(self.device)).clamp(-1, 1).cpu()
+            for i in range(0, latents.shape[0], batch_size)
+        ])
+
+    def draw(self, prompts: list[str], *, steps: int, batch_size: int = 16, **kwargs) -> torch.Tensor:
+        """Images [N, 3, H, W] in [-1, 1] for ``prompts`` (see :meth:`draw_latents` for the options)."""
+        return self.decode(self.draw_latents(prompts, steps=steps, batch_size=batch_size, **kwargs), batch_size)
+
+
+def load_drawer(
+    components: SDComponents, run: str | Path | None, *, device="cpu", dtype=torch.float32,
+    encoder_dtype=torch.float32,
+) -> tuple[Drawer, RunInfo | None]:
+    """The teacher (``run`` None: DDIM with adapters absent) or a trained student (its run folder or checkpoint)."""
+    if run is None:
+        return Drawer.from_components(components, "ddim", device=device, dtype=dtype, encoder_dtype=encoder_dtype), None
+    info = apply_trained_lora(components.unet, run)
+    edges = torch.tensor(info.edges) if info.edges is not None else None
+    drawer = Drawer.from_components(
+        components, info.sampler, device=device, dtype=dtype, encoder_dtype=encoder_dtype,
+        num_solver_steps=info.num_solver_steps, edges=edges,
+    )
+    return drawer, info

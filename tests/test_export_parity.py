@@ -1,0 +1,110 @@
+"""An exported LoRA, loaded into a plain diffusers pipeline, reproduces the project's own samplers (fp32, 1e-4).
+
+CD/CT via LCMScheduler, MCD via TCDScheduler (eta = 0, edge timesteps), and the teacher's DDIM via DDIMScheduler.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline, TCDScheduler
+
+from cm_lightning.diffusion.grid import edge_jump_timesteps, segment_edges, solver_grid
+from cm_lightning.export import export_run
+from cm_lightning.models.components import load_components
+from cm_lightning.models.lora import add_lora, save_lora_diffusers
+from cm_lightning.pipeline import RunInfo, load_drawer
+
+PROMPTS = ["a small red circle at the top left, on a white background", "a large blue star in the center"]
+LORA = {"rank": 4, "alpha": 8, "dropout": 0.0}
+
+
+@pytest.fixture
+def trained_run(tiny_sd_path, tmp_path):
+    """A run folder as train.py writes it, with random (non-zero) LoRA weights standing in for trained ones."""
+
+    def make(sampler: str, edges: list[int] | None = None):
+        components = load_components(str(tiny_sd_path))
+        add_lora(components.unet, **LORA)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in components.unet.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+        folder = tmp_path / "run" / "lora"
+        save_lora_diffusers(components.unet, folder)
+        method = {"multistep": "cd", "edge_jumps": "mcd"}[sampler]
+        RunInfo(method, sampler, 4, 50, edges, LORA, str(tiny_sd_path)).write(folder)
+        return tmp_path / "run"
+
+    return make
+
+
+def pipeline(tiny_sd_path, scheduler) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_path), safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = scheduler
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def ours(tiny_sd_path, run, **draw):
+    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run)
+    return drawer, drawer.draw_latents(PROMPTS, **draw)
+
+
+def test_cd_export_reproduces_our_multistep_sampler_with_lcm_scheduler(tiny_sd_path, trained_run, tmp_path):
+    run = trained_run("multistep")
+    exported = export_run(run, tmp_path / "export")
+    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run)
+    noise = drawer.noise(len(PROMPTS), seed=3)
+    mine = drawer.draw_latents(PROMPTS, steps=4, noise=noise, generator=torch.Generator().manual_seed(7))
+
+    pipe = pipeline(tiny_sd_path, LCMScheduler.from_pretrained(exported, subfolder="scheduler"))
+    pipe.load_lora_weights(exported)
+    theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=1.0, latents=noise.clone(),
+                  generator=torch.Generator().manual_seed(7), output_type="latent").images
+    assert (mine - theirs).abs().max() < 1e-4
+    # the LoRA matters: without it the pipeline draws something else
+    pipe.unload_lora_weights()
+    base = pipe(PROMPTS, num_inference_steps=4, guidance_scale=1.0, latents=noise.clone(),
+                generator=torch.Generator().manual_seed(7), output_type="latent").images
+    assert (mine - base).abs().max() > 1e-2
+
+
+def test_mcd_export_reproduces_our_edge_jumps_with_tcd_scheduler(tiny_sd_path, trained_run, tmp_path):
+    edges = segment_edges(solver_grid(1000, 50), 4).tolist()
+    run = trained_run("edge_jumps", edges)
+    exported = export_run(run, tmp_path / "export")
+    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run)
+    noise = drawer.noise(len(PROMPTS), seed=5)
+    mine = drawer.draw_latents(PROMPTS, steps=4, noise=noise)
+
+    pipe = pipeline(tiny_sd_path, TCDScheduler.from_pretrained(exported, subfolder="scheduler"))
+    pipe.load_lora_weights(exported)
+    timesteps = edge_jump_timesteps(torch.tensor(edges), 1000).tolist()
+    assert timesteps == [999, 779, 519, 259]
+    theirs = pipe(PROMPTS, timesteps=timesteps, eta=0.0, guidance_scale=1.0, latents=noise.clone(),
+                  output_type="latent").images
+    assert (mine - theirs).abs().max() < 1e-4
+    assert "timesteps=[999, 779, 519, 259], eta=0.0" in (exported / "README.md").read_text()
+
+
+@pytest.mark.parametrize("steps", [4, 10])
+def test_teacher_ddim_matches_diffusers_ddim_pipeline(tiny_sd_path, steps):
+    components = load_components(str(tiny_sd_path))
+    drawer, _ = load_drawer(components, None)
+    noise = drawer.noise(len(PROMPTS), seed=1)
+    mine = drawer.draw_latents(PROMPTS, steps=steps, guidance_scale=7.5, noise=noise)
+    pipe = pipeline(tiny_sd_path, DDIMScheduler.from_pretrained(str(tiny_sd_path), subfolder="scheduler"))
+    theirs = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=7.5, latents=noise.clone(), eta=0.0,
+                  output_type="latent").images
+    assert (mine - theirs).abs().max() < 1e-4
+
+
+def test_mcd_sampler_refuses_a_step_count_that_does_not_fit_the_edges(tiny_sd_path, trained_run):
+    from cm_lightning.errors import UserError
+
+    run = trained_run("edge_jumps", [0, 259, 519, 779])
+    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run)
+    with pytest.raises(UserError, match="samples in exactly 4 steps"):
+        drawer.draw_latents(PROMPTS, steps=2)
