@@ -10,12 +10,21 @@ from typing import Callable, TypeVar
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
 
 T = TypeVar("T")
 log = logging.getLogger("cm_lightning")
+
+def asset_path(name: str) -> str:
+    """A file or folder shipped in the package (``cm_lightning/assets/<name>``); the ``${asset:...}`` resolver."""
+    from importlib import resources
+
+    return str(resources.files("cm_lightning") / "assets" / name)
+
+
+OmegaConf.register_new_resolver("asset", asset_path, replace=True)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from .cli import compute_device, load_model, one_line_errors, parse_dtype
 from .diffusion.schedule import NoiseSchedule
 from .models.encoders import FrozenEncoders
+from .methods.teacher import TeacherTraining
+from .models.components import save_model_folder
 from .models.lora import save_lora_diffusers
 from .pipeline import RunInfo
 
@@ -29,13 +31,15 @@ def build_module(cfg: DictConfig, components) -> L.LightningModule:
     """The method's LightningModule over the model's UNet, with the run's LoRA, optimizer and schedule."""
     # objects go in through the partial, not through instantiate (which would turn dataclasses into configs)
     factory = instantiate(cfg.method.module, _partial_=True)
-    return factory(
+    objects = dict(
         unet=components.unet,
         schedule=NoiseSchedule.from_scheduler_config(components.scheduler_config),
-        lora=OmegaConf.to_container(cfg.lora, resolve=True),
         optimizer=instantiate(cfg.optimizer),
         lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
     )
+    if cfg.method.get("uses_lora", True):
+        objects["lora"] = OmegaConf.to_container(cfg.lora, resolve=True)
+    return factory(**objects)
 
 
 def run_info(cfg: DictConfig, module) -> RunInfo:
@@ -63,7 +67,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data.datamodule)
     datamodule.attach_encoders(encoders)
     module = build_module(cfg, components)
-    log.info("%s: %s trainable LoRA parameters", cfg.method.name, f"{module.num_trainable:,}")
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    log.info("%s: %s trainable parameters", cfg.method.name, f"{trainable:,}")
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
@@ -75,12 +80,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
-        lora_dir = output_dir / "lora"
-        with module.weights_for_export():
-            save_lora_diffusers(components.unet, lora_dir)
-        run_info(cfg, module).write(lora_dir)
-        OmegaConf.save(cfg, lora_dir / "train_config.yaml", resolve=True)
-        log.info("LoRA weights written to %s", lora_dir)
+        if isinstance(module, TeacherTraining):  # a whole new model: the base folder with the EMA UNet
+            folder = save_model_folder(cfg.model.pretrained, module.ema_unet, output_dir / "model")
+            OmegaConf.save(cfg, folder / "train_config.yaml", resolve=True)
+            log.info("model written to %s", folder)
+        else:
+            lora_dir = output_dir / "lora"
+            with module.weights_for_export():
+                save_lora_diffusers(components.unet, lora_dir)
+            run_info(cfg, module).write(lora_dir)
+            OmegaConf.save(cfg, lora_dir / "train_config.yaml", resolve=True)
+            log.info("LoRA weights written to %s", lora_dir)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

@@ -118,3 +118,24 @@ def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0] if lines else type(error).__name__
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def save_model_folder(base: str | Path, unet: UNet2DConditionModel, out: str | Path,
+                      dtype: torch.dtype = torch.float16) -> Path:
+    """A diffusers folder: every part of ``base`` (a local folder) but the UNet, which is ``unet`` saved in ``dtype``.
+
+    Written into a temporary sibling and renamed, so an interrupted save never looks like a model.
+    """
+    import shutil
+    import uuid
+
+    base, out = Path(base), Path(out)
+    tmp = out.parent / f".{out.name}.saving-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("unet", "*.building-*"))
+    copy = type(unet).from_config(unet.config)
+    copy.load_state_dict({k: v.detach().cpu() for k, v in unet.state_dict().items()})
+    copy.to(dtype).save_pretrained(tmp / "unet")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
