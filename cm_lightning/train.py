@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import hydra
+import torch
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -59,6 +60,7 @@ def run_info(cfg: DictConfig, module) -> RunInfo:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job from a composed config; returns the final logged metrics."""
     L.seed_everything(cfg.seed, workers=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on tensor cores
     components = load_model(cfg.model)
     device = compute_device(cfg.trainer.accelerator)
     encoders = FrozenEncoders.from_components(

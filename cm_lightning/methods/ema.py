@@ -20,8 +20,7 @@ class EmaWeights:
 
     @torch.no_grad()
     def update(self) -> None:
-        for shadow, param in zip(self.shadow, self.params):
-            shadow.lerp_(param.detach().to(shadow.dtype), 1.0 - self.decay)
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
 
     @contextmanager
     def swapped(self) -> Iterator[None]:

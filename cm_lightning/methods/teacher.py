@@ -78,8 +78,9 @@ class TeacherTraining(L.LightningModule):
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))  # warm-up
-        for ema, param in zip(self.ema_unet.parameters(), self.unet.parameters()):
-            ema.lerp_(param.detach().to(ema.dtype), 1 - decay)
+        # one foreach kernel per dtype group instead of one lerp per parameter (the step is launch-bound)
+        torch._foreach_lerp_(list(self.ema_unet.parameters()), [p.detach() for p in self.unet.parameters()],
+                             1 - decay)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.unet.parameters())
