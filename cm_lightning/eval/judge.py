@@ -79,7 +79,8 @@ def prepare_images(images: Tensor) -> Tensor:
 
 
 def _conv_block(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 class ShapesJudge(nn.Module):
@@ -158,7 +159,8 @@ def scenes_of(pred: dict[str, Tensor]) -> list[SceneSpec | None]:
                        SIZES[int(pred["size"][i, c])], POSITIONS[c])
             for c in range(NUM_CELLS) if pred["occupied"][i, c]
         )
-        scenes.append(SceneSpec(objects, HEADS["background"][int(pred["background"][i])]) if objects else None)
+        background = HEADS["background"][int(pred["background"][i])]
+        scenes.append(SceneSpec(objects, background) if objects else None)
     return scenes
 
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The shapes-world quality table on one GPU (device tool), in one call:
+#   1. build the students' latent cache once (prepare),
+#   2. train CT, CD, MCD K=2/4/8 from the shipped teacher, as five processes sharing the GPU (the small
+#      UNet is launch-bound, so they overlap well); same config, same steps cap and wall-clock cap,
+#   3. evaluate every row on 2 x 2,000 prompts (train-distribution and held-out prompts).
+# Run from the repo root with .whl carried:  bash benchmarks/gpu/quality.sh
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CM_LIGHTNING_CACHE=/tmp/cm_cache
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; RUNS=/tmp/quality_runs; mkdir -p "$RUNS"
+STEPS=${STEPS:-2000}; MAX_TIME=${MAX_TIME:-00:00:05:00}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; date -u; } > "$OUT/machine.txt"
+COMMON=(experiment=shapes_distill data.datamodule.num_workers=2 data.datamodule.progress=false
+        trainer.max_steps=$STEPS trainer.max_time=$MAX_TIME batch_size=256 lora.rank=32 optimizer.lr=3e-4)
+python3 -m cm_lightning.prepare "${COMMON[@]}" hydra.run.dir=$RUNS/prepare 2>&1 | tail -3
+start=$(date +%s)
+declare -A METHOD=([ct]="method=ct" [cd]="method=cd" [mcd2]="method=mcd boundaries=2" [mcd4]="method=mcd boundaries=4" [mcd8]="method=mcd boundaries=8")
+for name in ct cd mcd2 mcd4 mcd8; do
+  python3 -m cm_lightning.train "${COMMON[@]}" ${METHOD[$name]} paths.output_dir=$RUNS/$name hydra.run.dir=$RUNS/$name \
+    > "$RUNS/$name.log" 2>&1 &
+done
+wait
+echo "training wall: $(( $(date +%s) - start )) s"
+for name in ct cd mcd2 mcd4 mcd8; do
+  echo "== $name: $(grep -c . $RUNS/$name/csv/version_0/metrics.csv 2>/dev/null) metric rows; last:"; tail -1 $RUNS/$name/csv/version_0/metrics.csv 2>/dev/null
+  grep -E "Error|error:|max_steps|Time limit" "$RUNS/$name.log" | tail -3
+done | tee "$OUT/training_summary.txt"
+python3 -m cm_lightning.evaluate runs.ct=$RUNS/ct runs.cd=$RUNS/cd runs.mcd2=$RUNS/mcd2 runs.mcd4=$RUNS/mcd4 \
+  runs.mcd8=$RUNS/mcd8 output_dir=$OUT/eval hydra.run.dir=$RUNS/eval 2>&1 | grep -v -E "it/s|s/it" | tail -30
+tar -C $RUNS -cf "$OUT/train_logs.tar" --exclude='*.ckpt' --exclude='*.safetensors' --exclude='*.pt' ct cd mcd2 mcd4 mcd8 ct.log cd.log mcd2.log mcd4.log mcd8.log
+ls -la "$OUT" "$OUT/eval"

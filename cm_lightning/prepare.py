@@ -1,0 +1,36 @@
+"""Build a latent cache ahead of training: ``python -m cm_lightning.prepare data=coco5k data.root=PATH``.
+
+Composes the same config as ``cm_lightning.train`` (so the cache key is the one training will look for),
+loads only the frozen VAE and text encoder, and encodes on the GPU when there is one, with a progress bar.
+"""
+
+from __future__ import annotations
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from .cli import compute_device, load_model, one_line_errors, parse_dtype
+from .models.encoders import FrozenEncoders
+
+
+def prepare(cfg: DictConfig) -> str:
+    components = load_model(cfg.model)
+    encoders = FrozenEncoders.from_components(
+        components, device=compute_device(cfg.trainer.accelerator),
+        dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
+    )
+    datamodule = instantiate(cfg.data.datamodule)
+    datamodule.attach_encoders(encoders)
+    summary = datamodule.cache.build()
+    return f"{summary}\n{datamodule.cache.path}"
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@one_line_errors
+def main(cfg: DictConfig) -> None:
+    print(prepare(cfg))
+
+
+if __name__ == "__main__":
+    main()
