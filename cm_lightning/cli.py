@@ -43,6 +43,24 @@ def one_line_errors(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+def build(node: DictConfig, **kwargs):
+    """``hydra.utils.instantiate`` that lets a :class:`UserError` through as itself, and turns a wrong or missing
+    config key (a TypeError from the target) into a one-line UserError naming the target."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, (UserError, TypeError)):
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, TypeError):
+            raise UserError(f"{node.get('_target_', 'config')}: {cause}") from None
+        raise
+
+
 def parse_dtype(name: str, field: str) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"{field}={name!r} is not one of {sorted(DTYPES)}")

@@ -7,10 +7,9 @@ loads only the frozen VAE and text encoder, and encodes on the GPU when there is
 from __future__ import annotations
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from .cli import compute_device, load_model, one_line_errors, parse_dtype
+from .cli import build, compute_device, load_model, one_line_errors, parse_dtype
 from .models.encoders import FrozenEncoders
 
 
@@ -20,7 +19,7 @@ def prepare(cfg: DictConfig) -> str:
         components, device=compute_device(cfg.trainer.accelerator),
         dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
     )
-    datamodule = instantiate(cfg.data.datamodule)
+    datamodule = build(cfg.data.datamodule)
     datamodule.attach_encoders(encoders)
     summary = datamodule.cache.build()
     return f"{summary}\n{datamodule.cache.path}"

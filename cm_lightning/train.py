@@ -17,8 +17,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from .cli import compute_device, load_model, one_line_errors, parse_dtype
+from .cli import build, compute_device, load_model, one_line_errors, parse_dtype
 from .diffusion.schedule import NoiseSchedule
+from .errors import UserError
 from .models.encoders import FrozenEncoders
 from .methods.teacher import TeacherTraining
 from .models.components import save_model_folder
@@ -31,7 +32,7 @@ log = logging.getLogger("cm_lightning.train")
 def build_module(cfg: DictConfig, components) -> L.LightningModule:
     """The method's LightningModule over the model's UNet, with the run's LoRA, optimizer and schedule."""
     # objects go in through the partial, not through instantiate (which would turn dataclasses into configs)
-    factory = instantiate(cfg.method.module, _partial_=True)
+    factory = build(cfg.method.module, _partial_=True)
     objects = dict(
         unet=components.unet,
         schedule=NoiseSchedule.from_scheduler_config(components.scheduler_config),
@@ -40,7 +41,10 @@ def build_module(cfg: DictConfig, components) -> L.LightningModule:
     )
     if cfg.method.get("uses_lora", True):
         objects["lora"] = OmegaConf.to_container(cfg.lora, resolve=True)
-    return factory(**objects)
+    try:
+        return factory(**objects)
+    except (TypeError, ValueError) as error:  # a config value the method refuses (unknown key, K out of range)
+        raise UserError(f"method={cfg.method.name}: {error}") from None
 
 
 def run_info(cfg: DictConfig, module) -> RunInfo:
@@ -66,7 +70,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     encoders = FrozenEncoders.from_components(
         components, device=device, dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype")
     )
-    datamodule = instantiate(cfg.data.datamodule)
+    datamodule = build(cfg.data.datamodule)
     datamodule.attach_encoders(encoders)
     module = build_module(cfg, components)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -76,7 +80,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     output_dir = Path(cfg.paths.output_dir)

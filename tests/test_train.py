@@ -142,3 +142,17 @@ def test_print_composed_config_with_seed_defaults():
     for expected in ["stable-diffusion-v1-5/stable-diffusion-v1-5", "rank: 64", "precision: 16-mixed",
                      "loss: pseudo_huber", "num_pairs: 5000", "batch_size: 8"]:
         assert expected in printed, expected
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("boundaries=0", "boundaries=0"),
+    ("+method.module.colour=red", "colour"),
+    ("method.module.target=teacher", "method.target='teacher'"),
+])
+def test_bad_method_values_are_one_line_errors(override, expected, run_dirs, tmp_path):
+    from cm_lightning.errors import UserError
+
+    cache, _ = run_dirs
+    cfg = compose_train(*quick_overrides(cache, tmp_path, "mcd"), override)
+    with pytest.raises(UserError, match=expected):
+        train(cfg)

@@ -8,10 +8,22 @@
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CM_LIGHTNING_CACHE=/tmp/cm_cache
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; RUNS=/tmp/quality_runs; mkdir -p "$RUNS"
-STEPS=${STEPS:-2000}; MAX_TIME=${MAX_TIME:-00:00:05:00}
+export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; RUNS=/tmp/quality_runs; mkdir -p "$RUNS"
+STEPS=${STEPS:-2000}; MAX_TIME=${MAX_TIME:-00:00:04:45}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; date -u; } > "$OUT/machine.txt"
-COMMON=(experiment=shapes_distill data.datamodule.num_workers=2 data.datamodule.progress=false
+# 0. the teacher's guidance scale: the g (diffusers' form) with the best 50-step fidelity on 500 train prompts
+G=$(python3 - <<'PY' 2>/dev/null | tail -1
+import json, os
+from cm_lightning.eval.table import PromptSet, Row, evaluate_rows
+sets = [PromptSet.from_shapes("train", "train", 500, 99)]
+rows = [Row(f"g={g}", None, 50, g) for g in (1.5, 2.0, 3.0, 5.0, 7.5)]
+res, _ = evaluate_rows("cm_lightning/assets/shapes_teacher", rows, sets, reference="g=1.5", device="cuda", batch_size=500)
+open(os.environ["OUT"] + "/guidance_sweep.json", "w").write(json.dumps(res, indent=1))
+print(max(res, key=lambda r: r["fidelity"])["guidance"])
+PY
+)
+echo "teacher guidance chosen: g=$G"; [ -n "$G" ] || G=3.0
+COMMON=(experiment=shapes_distill teacher_guidance.min=$G teacher_guidance.max=$G data.datamodule.num_workers=2 data.datamodule.progress=false
         trainer.max_steps=$STEPS trainer.max_time=$MAX_TIME batch_size=256 lora.rank=32 optimizer.lr=3e-4)
 python3 -m cm_lightning.prepare "${COMMON[@]}" hydra.run.dir=$RUNS/prepare 2>&1 | tail -3
 start=$(date +%s)
@@ -27,6 +39,6 @@ for name in ct cd mcd2 mcd4 mcd8; do
   grep -E "Error|error:|max_steps|Time limit" "$RUNS/$name.log" | tail -3
 done | tee "$OUT/training_summary.txt"
 python3 -m cm_lightning.evaluate runs.ct=$RUNS/ct runs.cd=$RUNS/cd runs.mcd2=$RUNS/mcd2 runs.mcd4=$RUNS/mcd4 \
-  runs.mcd8=$RUNS/mcd8 output_dir=$OUT/eval hydra.run.dir=$RUNS/eval 2>&1 | grep -v -E "it/s|s/it" | tail -30
+  runs.mcd8=$RUNS/mcd8 guidance=$G output_dir=$OUT/eval hydra.run.dir=$RUNS/eval 2>&1 | grep -v -E "it/s|s/it" | tail -30
 tar -C $RUNS -cf "$OUT/train_logs.tar" --exclude='*.ckpt' --exclude='*.safetensors' --exclude='*.pt' ct cd mcd2 mcd4 mcd8 ct.log cd.log mcd2.log mcd4.log mcd8.log
 ls -la "$OUT" "$OUT/eval"
