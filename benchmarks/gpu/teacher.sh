@@ -6,8 +6,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CM_LIGHTNING_CACHE=/tmp/cm_cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; date -u; } > "$OUT/machine.txt"
-python3 -m cm_lightning.build_teacher out=/tmp/teacher/shapes_teacher vae.steps=2500 \
-  'unet_overrides=["experiment=shapes_teacher","trainer.max_steps=30000","trainer.max_time=00:00:06:20"]' \
+python3 -m cm_lightning.build_teacher out=/tmp/teacher/shapes_teacher vae.steps=2000 \
+  'unet_overrides=["experiment=shapes_teacher","trainer.max_steps=30000","trainer.max_time=00:00:06:40"]' \
   hydra.run.dir=/tmp/teacher/run 2>&1 | grep -v -E "it/s\]|s/it\]" | tee "$OUT/build.log" | tail -40
 cp /tmp/teacher/run/*.log "$OUT/" 2>/dev/null || true
 find /tmp/teacher -name metrics.csv -exec cp {} "$OUT/unet_metrics.csv" \;
