@@ -7,7 +7,7 @@ import torch
 from cm_lightning.data.datamodule import LatentDataModule
 from cm_lightning.data.shapes import ShapesSource
 from cm_lightning.errors import UserError
-from test_cache import FakeEncoders  # TODO(lead): move the fake into tests/conftest.py or tests/fakes.py
+from .test_cache import FakeEncoders
 
 
 def make_dm(root, n=10, encoders=True, **kw):
