@@ -41,7 +41,7 @@ def build_teacher(cfg: DictConfig) -> Path:
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
     source = ShapesSource(cfg.vae.num_images, split="train", image_size=cfg.architecture.image_size, seed=1)
     vae_metrics = train_vae(vae, source, resolution=cfg.architecture.image_size, steps=cfg.vae.steps,
-                            batch_size=cfg.vae.batch_size, lr=cfg.vae.lr, device=device,
+                            batch_size=cfg.vae.batch_size, lr=cfg.vae.lr, kl_weight=cfg.vae.kl_weight, device=device,
                             num_workers=cfg.vae.num_workers)
     vae.to("cpu", torch.float16).save_pretrained(base / "vae")  # shipped in fp16 (25 MB budget); runs in fp32
 
