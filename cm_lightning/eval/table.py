@@ -79,7 +79,8 @@ def evaluate_rows(
             figures[prompt_set.name].append((row.name, images[:figure_count]))
         del drawer
     rank = {r.name: i for i, r in enumerate(rows)}  # back to the order asked for
-    results.sort(key=lambda r: (rank[r["row"]], r["set"]))
+    set_rank = {s.name: i for i, s in enumerate(prompt_sets)}
+    results.sort(key=lambda r: (rank[r["row"]], set_rank[r["set"]]))
     for name in figures:
         figures[name].sort(key=lambda item: rank[item[0]])
     return results, figures
