@@ -60,3 +60,21 @@ def test_missing_coco_root_is_one_clear_line(tmp_path):
 
     with pytest.raises(UserError, match="nowhere"):
         train(cfg)
+
+
+def test_prepare_builds_the_cache_that_training_then_reuses(tmp_path, monkeypatch):
+    from cm_lightning.prepare import prepare
+
+    root = write_coco_folder(tmp_path / "coco", 12, image_size=(48, 40))
+    cache = tmp_path / "cache"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=coco_overrides(root, cache, tmp_path / "run"))
+    report = prepare(cfg)
+    assert "12 of 12 pairs encoded" in report
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("training must reuse the prepared cache")
+
+    monkeypatch.setattr(FrozenEncoders, "encode_images", no_encoding)
+    train(cfg)
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
