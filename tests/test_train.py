@@ -156,3 +156,21 @@ def test_bad_method_values_are_one_line_errors(override, expected, run_dirs, tmp
     cfg = compose_train(*quick_overrides(cache, tmp_path, "mcd"), override)
     with pytest.raises(UserError, match=expected):
         train(cfg)
+
+
+def test_training_resumes_from_its_lora_only_checkpoint(run_dirs, tmp_path):
+    cache, _ = run_dirs
+    first = compose_train(*quick_overrides(cache, tmp_path / "first", "mcd"), "trainer.max_steps=3")
+    train(first)
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["global_step"] == 3
+
+    resumed = compose_train(*quick_overrides(cache, tmp_path / "second", "mcd"), "trainer.max_steps=5",
+                            f"ckpt_path={checkpoint}")
+    train(resumed)
+    final = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["global_step"] == 5  # continued from step 3, not restarted
+    # the resumed run started from the saved LoRA weights: its optimizer state holds 5 steps, not 2
+    steps = {int(s["step"]) for s in final["optimizer_states"][0]["state"].values()}
+    assert steps == {5}
