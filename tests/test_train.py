@@ -105,6 +105,7 @@ def test_each_method_trains_end_to_end_on_cpu(method, run_dirs, monkeypatch):
     assert len(changed) > len(after) // 2, "most LoRA tensors should have moved"
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "samples" / "step000006.png").is_file()  # the sample grid at the end of training
     summary = json.loads((out / "lora" / "cm_lightning.json").read_text())
     assert summary["method"] == method
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
