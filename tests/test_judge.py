@@ -28,19 +28,7 @@ def _in_cell_order(spec: SceneSpec) -> SceneSpec:
     return SceneSpec(tuple(sorted(spec.objects, key=lambda o: POSITIONS.index(o.position))), spec.background)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run on one thread: on 2 cores shared with other busy processes, 2 threads made these tests up to
-    40x slower (threads waiting on each other), while 1 thread costs little on an idle machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def judge():
-    return load_judge()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("split", SPLITS)

@@ -7,7 +7,7 @@ import torch
 
 from cm_lightning.data.shapes import POSITIONS, SceneSpec, caption_of, scene_at
 from cm_lightning.errors import UserError
-from cm_lightning.eval.judge import load_judge, render_images
+from cm_lightning.eval.judge import render_images
 from cm_lightning.eval.metrics import (
     clip_score, fidelity_breakdown, frechet_distance, prompt_fidelity, teacher_gap,
 )
@@ -25,19 +25,7 @@ def _moved(spec: SceneSpec) -> SceneSpec:
                            for o in spec.objects), spec.background)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run on one thread: on 2 cores shared with other busy processes, 2 threads made these tests up to
-    40x slower (threads waiting on each other), while 1 thread costs little on an idle machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def judge():
-    return load_judge()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -165,7 +165,27 @@ def read_json(path: Path, shown: str) -> tuple[object, str]:
         raise UserError(f"{shown}: not valid JSON ({where}: {error.msg})") from None
 
 
-class CocoCaptions:
+class SelectedPairs:
+    """What the COCO and manifest readers share once their pairs are chosen: index -> decoded image + caption."""
+
+    _pairs: list[Pair]
+    min_side: int
+
+    @property
+    def pairs(self) -> list[Pair]:
+        """The selected (path, caption, key) triples, in index order; nothing decoded."""
+        return self._pairs
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __getitem__(self, index: int) -> CaptionedImage:
+        path, caption, key = self._pairs[index]
+        image: Image.Image = load_image(Path(path), key, min_side=self.min_side)
+        return CaptionedImage(image=image, caption=caption, key=key)
+
+
+class CocoCaptions(SelectedPairs):
     """COCO Captions pairs; ``len`` is the number of (image, caption) pairs, at most ``num_pairs``.
 
     Args:
@@ -266,20 +286,6 @@ class CocoCaptions:
         shown = display_path(self.image_dir, self.root)
         return (shown if not Path(shown).is_absolute() else self.image_dir.name).rstrip("/") + "/"
 
-    # -- CaptionedImageSource -------------------------------------------------------------------------
-
-    @property
-    def pairs(self) -> list[Pair]:
-        """The selected (path, caption, key) triples, in index order; nothing decoded."""
-        return self._pairs
-
-    def __len__(self) -> int:
-        return len(self._pairs)
-
-    def __getitem__(self, index: int) -> CaptionedImage:
-        path, caption, key = self._pairs[index]
-        image: Image.Image = load_image(Path(path), key, min_side=self.min_side)
-        return CaptionedImage(image=image, caption=caption, key=key)
 
     def fingerprint(self) -> dict:
         return {

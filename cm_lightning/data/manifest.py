@@ -25,16 +25,15 @@ import json
 from pathlib import Path
 
 from cm_lightning.data.coco import (
+    SelectedPairs,
     READER_VERSION,
     Candidate,
-    Pair,
     check_selection_args,
     display_path,
     pairs_digest,
     select_pairs,
 )
-from cm_lightning.data.images import load_image
-from cm_lightning.data.sources import CaptionedImage, SkipReport
+from cm_lightning.data.sources import SkipReport
 from cm_lightning.errors import UserError
 
 IMAGE_FIELDS = ("image", "file_name")
@@ -43,7 +42,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 CSV_SUFFIXES = (".csv",)
 
 
-class ManifestSource:
+class ManifestSource(SelectedPairs):
     """Pairs listed in a JSONL or CSV manifest; ``len`` is the number of pairs, at most ``num_pairs``.
 
     Args:
@@ -105,20 +104,6 @@ class ManifestSource:
         path = Path(image)
         return display_path(path, self.root) if path.is_absolute() else path.as_posix()
 
-    # -- CaptionedImageSource -------------------------------------------------------------------------
-
-    @property
-    def pairs(self) -> list[Pair]:
-        """The selected (path, caption, key) triples, in index order; nothing decoded."""
-        return self._pairs
-
-    def __len__(self) -> int:
-        return len(self._pairs)
-
-    def __getitem__(self, index: int) -> CaptionedImage:
-        path, caption, key = self._pairs[index]
-        image = load_image(Path(path), key, min_side=self.min_side)
-        return CaptionedImage(image=image, caption=caption, key=key)
 
     def fingerprint(self) -> dict:
         return {
