@@ -19,7 +19,7 @@ from .errors import UserError
 from .methods.sampling import SamplerKind, generate_latents
 from .models.components import SDComponents
 from .models.encoders import FrozenEncoders
-from .models.lora import add_lora, load_lora_state_dict
+from .models.lora import ADAPTER, add_lora, load_lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,9 @@ def apply_trained_lora(unet, path: str | Path) -> RunInfo:
     add_lora(unet, **info.lora)
     if path.suffix == ".ckpt":
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-        load_lora_state_dict(unet, {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")})
+        # the module's parameter names carry peft's adapter name (lora_A.default.weight); its state dicts do not
+        load_lora_state_dict(unet, {k.removeprefix("unet.").replace(f".{ADAPTER}.", "."): v
+                                    for k, v in state.items() if k.startswith("unet.")})
     else:  # the exported file holds peft's keys under diffusers' "unet." prefix
         weights = load_file(folder / "pytorch_lora_weights.safetensors")
         load_lora_state_dict(unet, {k.removeprefix("unet."): v for k, v in weights.items()})

@@ -175,3 +175,42 @@ def test_training_resumes_from_its_lora_only_checkpoint(run_dirs, tmp_path):
     # the resumed run started from the saved LoRA weights: its optimizer state holds 5 steps, not 2
     steps = {int(s["step"]) for s in final["optimizer_states"][0]["state"].values()}
     assert steps == {5}
+
+
+def test_checkpoint_and_exported_lora_load_the_same_weights(run_dirs, tmp_path):
+    """sample/export accept a run's .ckpt as well as its lora/ folder: both must give the trained weights."""
+    from cm_lightning.export import export_run
+    from cm_lightning.models.components import load_components
+    from cm_lightning.models.lora import lora_state_dict
+    from cm_lightning.pipeline import apply_trained_lora
+
+    cache, _ = run_dirs
+    out = tmp_path / "run"
+    cfg = compose_train(*quick_overrides(cache, out, "mcd"), "trainer.max_steps=2")
+    train(cfg)
+    loaded = {}
+    for name, source in (("ckpt", out / "checkpoints" / "last.ckpt"), ("lora", out)):
+        components = load_components(cfg.model.pretrained)
+        info = apply_trained_lora(components.unet, source)
+        loaded[name] = lora_state_dict(components.unet)
+    assert info.method == "mcd" and info.edges == [0, 259, 519, 779]
+    assert loaded["ckpt"].keys() == loaded["lora"].keys()
+    assert all(torch.equal(loaded["ckpt"][k], loaded["lora"][k]) for k in loaded["lora"])
+    assert any(v.abs().max() > 0 for k, v in loaded["lora"].items() if "lora_B" in k)  # trained, not the zero init
+    exported = export_run(out / "checkpoints" / "last.ckpt", tmp_path / "export")
+    assert (exported / "pytorch_lora_weights.safetensors").is_file()
+    assert (exported / "scheduler" / "scheduler_config.json").is_file() and (exported / "README.md").is_file()
+
+
+def test_sample_writes_pngs_and_a_grid_for_a_run(run_dirs, tmp_path):
+    from cm_lightning.sample import sample
+
+    cache, _ = run_dirs
+    run = tmp_path / "run"
+    train(compose_train(*quick_overrides(cache, run, "cd"), "trainer.max_steps=1"))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"run={run}", "prompts=[a red circle,a blue square,a green star]",
+                                           f"output_dir={tmp_path / 'samples'}", "steps=2", "device=cpu"])
+    out = sample(cfg)
+    assert sorted(p.name for p in out.glob("*.png")) == ["000.png", "001.png", "002.png", "grid.png"]
+    assert (out / "prompts.txt").read_text().splitlines() == ["a red circle", "a blue square", "a green star"]
