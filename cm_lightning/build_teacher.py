@@ -35,15 +35,18 @@ def build_teacher(cfg: DictConfig) -> Path:
     out = Path(cfg.out)
     work = out.parent / f".{out.name}-work"
     shutil.rmtree(work, ignore_errors=True)
-    base = build_tiny_sd(work / "base", **OmegaConf.to_container(cfg.architecture, resolve=True))
-
     device = compute_device(cfg.device)
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-    source = ShapesSource(cfg.vae.num_images, split="train", image_size=cfg.architecture.image_size, seed=1)
-    vae_metrics = train_vae(vae, source, resolution=cfg.architecture.image_size, steps=cfg.vae.steps,
-                            batch_size=cfg.vae.batch_size, lr=cfg.vae.lr, kl_weight=cfg.vae.kl_weight, device=device,
-                            num_workers=cfg.vae.num_workers)
-    vae.to("cpu", torch.float16).save_pretrained(base / "vae")  # shipped in fp16 (25 MB budget); runs in fp32
+    if cfg.get("continue_from"):  # keep that model's VAE, text encoder and UNet weights; train the UNet further
+        base = Path(shutil.copytree(cfg.continue_from, work / "base"))
+        vae_metrics = {"continued_from": str(cfg.continue_from)}
+    else:
+        base = build_tiny_sd(work / "base", **OmegaConf.to_container(cfg.architecture, resolve=True))
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+        source = ShapesSource(cfg.vae.num_images, split="train", image_size=cfg.architecture.image_size, seed=1)
+        vae_metrics = train_vae(vae, source, resolution=cfg.architecture.image_size, steps=cfg.vae.steps,
+                                batch_size=cfg.vae.batch_size, lr=cfg.vae.lr, kl_weight=cfg.vae.kl_weight,
+                                device=device, num_workers=cfg.vae.num_workers)
+        vae.to("cpu", torch.float16).save_pretrained(base / "vae")  # shipped in fp16 (25 MB budget); runs in fp32
 
     overrides = [*cfg.unet_overrides, f"model.pretrained={base}", f"paths.output_dir={work / 'unet_run'}",
                  f"paths.cache_dir={cfg.paths.cache_dir}"]
@@ -60,6 +63,7 @@ def build_teacher(cfg: DictConfig) -> Path:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "architecture": OmegaConf.to_container(cfg.architecture, resolve=True),
         "vae": {**OmegaConf.to_container(cfg.vae, resolve=True), **vae_metrics},
+        "continue_from": cfg.get("continue_from"),
         "unet_overrides": list(overrides[: len(cfg.unet_overrides)]),
         "unet_final_loss": metrics.get("train/loss"),
     }

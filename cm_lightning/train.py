@@ -76,8 +76,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     log.info("%s: %s trainable parameters", cfg.method.name, f"{trainable:,}")
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    # nodes without a _target_ are an experiment's settings for a callback or logger that was switched off
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if "_target_" in c]
+    loggers = [build(c) for c in (cfg.get("logger") or {}).values() if "_target_" in c]
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)

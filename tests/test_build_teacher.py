@@ -1,0 +1,44 @@
+"""The teacher's one-command build, at toy size on the CPU: folder layout, loading, and continuing a build."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from cm_lightning.build_teacher import build_teacher
+from cm_lightning.models.components import load_components
+
+from .test_train import CONF
+
+UNET = ('unet_overrides=["experiment=shapes_teacher","trainer=cpu","trainer.max_steps=2","batch_size=4",'
+        '"data.datamodule.source.num_images=16","data.datamodule.num_workers=0","data.datamodule.progress=false",'
+        '"logger=none","callbacks=none"]')
+TOY = ["architecture.unet_channels=[32,32,32]", "architecture.norm_num_groups=8", "architecture.text_hidden_size=32",
+       "architecture.vae_channels=[16,16,16]", "vae.steps=2", "vae.batch_size=4", "vae.num_images=16",
+       "vae.num_workers=0", "device=cpu", UNET]
+
+
+def run_build(*overrides):
+    """build_teacher composes the UNet's training config itself, so Hydra stays initialised around it."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return build_teacher(compose("build_teacher", overrides=list(overrides)))
+
+
+def test_build_then_continue(tmp_path):
+    first = run_build(*TOY, f"out={tmp_path / 'teacher'}", f"paths.cache_dir={tmp_path / 'c'}",
+                                        f"paths.output_dir={tmp_path}")
+    parts = load_components(str(first))
+    assert parts.unet.config.sample_size == 16 and parts.vae.config.scaling_factor != 0.18215  # set from data
+    record = json.loads((first / "build_record.json").read_text())
+    assert record["vae"]["steps"] == 2 and record["continue_from"] is None
+
+    second = run_build(*TOY, f"continue_from={first}", f"out={tmp_path / 'teacher2'}",
+                                         f"paths.cache_dir={tmp_path / 'c'}", f"paths.output_dir={tmp_path}")
+    again = load_components(str(second))
+    vae_same = all(torch.equal(a, b) for a, b in zip(parts.vae.state_dict().values(), again.vae.state_dict().values()))
+    unet_moved = any(not torch.equal(a, b) for a, b in zip(parts.unet.state_dict().values(),
+                                                          again.unet.state_dict().values()))
+    assert vae_same and unet_moved
+    assert json.loads((second / "build_record.json").read_text())["continue_from"] == str(first)
