@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -102,10 +102,6 @@ def markdown_table(results: list[dict]) -> str:
 
 def rows_from_config(rows_cfg) -> list[Row]:
     return [Row(str(r["name"]), r.get("run"), int(r["steps"]), float(r.get("guidance", 1.0))) for r in rows_cfg]
-
-
-def asdict_rows(rows: list[Row]) -> list[dict]:
-    return [asdict(r) for r in rows]
 
 
 def save_figures(figures: dict, out: Path, prompt_sets: list[PromptSet], count: int) -> list[Path]:
