@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import sys
 from typing import Callable, TypeVar
@@ -15,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import UserError
 
 T = TypeVar("T")
-log = logging.getLogger("cm_lightning")
 
 def asset_path(name: str) -> str:
     """A file or folder shipped in the package (``cm_lightning/assets/<name>``); the ``${asset:...}`` resolver."""
@@ -81,5 +79,5 @@ def load_model(model_cfg: DictConfig):
     from .models.components import load_components
 
     if model_cfg.get("build"):
-        instantiate(model_cfg.build)
+        build(model_cfg.build)
     return load_components(model_cfg.pretrained, revision=model_cfg.get("revision"), variant=model_cfg.get("variant"))

@@ -30,18 +30,19 @@ def scheduler_for(info: RunInfo, base_config: dict):
     return cls.from_config(base_config, original_inference_steps=info.num_solver_steps)
 
 
-def sampling_call(info: RunInfo) -> str:
+def sampling_call(info: RunInfo, num_train_timesteps: int) -> str:
     """The keyword arguments of ``pipe(...)`` that sample the run as it was trained to be sampled."""
     if info.sampler == "edge_jumps":
-        from .diffusion.grid import edge_jump_timesteps
         import torch
 
-        timesteps = edge_jump_timesteps(torch.tensor(info.edges), 1000).tolist()
+        from .diffusion.grid import edge_jump_timesteps
+
+        timesteps = edge_jump_timesteps(torch.tensor(info.edges), num_train_timesteps).tolist()
         return f"timesteps={timesteps}, eta=0.0, guidance_scale=1.0"
     return f"num_inference_steps={info.sample_steps}, guidance_scale=1.0"
 
 
-def model_card(info: RunInfo, base_model: str) -> str:
+def model_card(info: RunInfo, base_model: str, num_train_timesteps: int) -> str:
     scheduler = "TCDScheduler" if info.sampler == "edge_jumps" else "LCMScheduler"
     edges = f"\n- segment edges: {info.edges}" if info.edges else ""
     return f"""# {info.method.upper()} LoRA for {base_model}
@@ -59,7 +60,7 @@ from diffusers import StableDiffusionPipeline, {scheduler}
 pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
 pipe.scheduler = {scheduler}.from_pretrained("PATH/TO/THIS/FOLDER", subfolder="scheduler")
 pipe.load_lora_weights("PATH/TO/THIS/FOLDER")
-image = pipe("A sad puppy with large eyes", {sampling_call(info)}).images[0]
+image = pipe("A sad puppy with large eyes", {sampling_call(info, num_train_timesteps)}).images[0]
 ```
 
 The training configuration is in `train_config.yaml`.
@@ -93,7 +94,7 @@ def export_run(run: str | Path, out: str | Path, *, base_model: str | None = Non
         if (folder / name).is_file() and folder.resolve() != out.resolve():
             shutil.copy2(folder / name, out / name)
     info.write(out)
-    (out / "README.md").write_text(model_card(info, base_model))
+    (out / "README.md").write_text(model_card(info, base_model, base_config.get("num_train_timesteps", 1000)))
     log.info("exported %s (%s) to %s", info.method, base_model, out)
     return out
 

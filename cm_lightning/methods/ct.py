@@ -23,6 +23,7 @@ class ConsistencyTraining(ConsistencyModule):
         curriculum_start: int | None = None, **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self._lognormal_weights: dict[int, torch.Tensor] = {}  # per grid size: the curriculum changes it
         if pair_sampling not in ("uniform", "lognormal"):
             raise ValueError(f"method.pair_sampling={pair_sampling!r} is not one of 'uniform', 'lognormal'")
         if weighting not in ("none", "ict"):
@@ -54,7 +55,10 @@ class ConsistencyTraining(ConsistencyModule):
     def pair_index_weights(self, grid: torch.Tensor) -> torch.Tensor | None:
         if self.pair_sampling == "uniform":
             return None
-        return lognormal_step_weights(self.schedule.alphas_cumprod, grid)
+        size = grid.numel()
+        if size not in self._lognormal_weights:  # computed once per grid size, not every step
+            self._lognormal_weights[size] = lognormal_step_weights(self.schedule.alphas_cumprod, grid)
+        return self._lognormal_weights[size]
 
     def pair_weights(self, t_hi: torch.Tensor, t_lo: torch.Tensor) -> torch.Tensor | None:
         if self.weighting == "none":

@@ -150,6 +150,8 @@ def ensure_tiny_sd(folder: str | Path, **kwargs) -> Path:
     wanted = _record(TinySDSpec(**kwargs), words)
     record = folder / BUILD_RECORD
     built = json.loads(record.read_text()) if record.is_file() else None
+    if built is not None:  # a record from before a field existed was built with that field's default
+        built = {**_record(TinySDSpec(), words), **built}
     if built != wanted:
         raise UserError(
             f"tiny model: '{folder}' was built with other settings than {kwargs or 'the defaults'}; "
