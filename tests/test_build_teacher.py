@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from cm_lightning.build_teacher import build_teacher
+from cm_lightning.errors import UserError
 from cm_lightning.models.components import load_components
 
 from .test_train import CONF
@@ -17,7 +19,7 @@ UNET = ('unet_overrides=["experiment=shapes_teacher","trainer=cpu","trainer.max_
         '"logger=none","callbacks=none"]')
 TOY = ["architecture.unet_channels=[32,32,32]", "architecture.norm_num_groups=8", "architecture.text_hidden_size=32",
        "architecture.vae_channels=[16,16,16]", "vae.steps=2", "vae.batch_size=4", "vae.num_images=16",
-       "vae.num_workers=0", "device=cpu", UNET]
+       "vae.num_workers=0", "text.steps=3", "text.batch_size=8", "text.num_captions=32", "device=cpu", UNET]
 
 
 def run_build(*overrides):
@@ -33,6 +35,7 @@ def test_build_then_continue(tmp_path):
     assert parts.unet.config.sample_size == 16 and parts.vae.config.scaling_factor != 0.18215  # set from data
     record = json.loads((first / "build_record.json").read_text())
     assert record["vae"]["steps"] == 2 and record["continue_from"] is None
+    assert set(record["text_encoder"]["heldout_accuracy"]) == {"background", "occupied", "shape", "colour", "size"}
 
     second = run_build(*TOY, f"continue_from={first}", f"out={tmp_path / 'teacher2'}",
                                          f"paths.cache_dir={tmp_path / 'c'}", f"paths.output_dir={tmp_path}")
@@ -42,3 +45,22 @@ def test_build_then_continue(tmp_path):
                                                           again.unet.state_dict().values()))
     assert vae_same and unet_moved
     assert json.loads((second / "build_record.json").read_text())["continue_from"] == str(first)
+
+
+def test_reuse_vae_from_another_teacher(tmp_path):
+    first = run_build(*TOY, "text.steps=0", f"out={tmp_path / 'a'}", f"paths.cache_dir={tmp_path / 'c'}",
+                      f"paths.output_dir={tmp_path}")
+    second = run_build(*TOY, f"reuse_vae_from={first}", f"out={tmp_path / 'b'}", f"paths.cache_dir={tmp_path / 'c'}",
+                       f"paths.output_dir={tmp_path}")
+    a, b = load_components(str(first)), load_components(str(second))
+    assert all(torch.equal(x, y) for x, y in zip(a.vae.state_dict().values(), b.vae.state_dict().values()))
+    text_moved = any(not torch.equal(x, y) for x, y in zip(a.text_encoder.state_dict().values(),
+                                                          b.text_encoder.state_dict().values()))
+    assert text_moved  # the second build trained its text encoder; the first kept the random one
+    assert json.loads((second / "build_record.json").read_text())["vae"]["reused_from"] == str(first)
+
+
+def test_reuse_vae_from_a_folder_without_vae_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"reuse_vae_from=.*no vae/config.json"):
+        run_build(*TOY, f"reuse_vae_from={tmp_path}", f"out={tmp_path / 'a'}", f"paths.cache_dir={tmp_path / 'c'}",
+                  f"paths.output_dir={tmp_path}")

@@ -55,6 +55,24 @@ def test_schedule_is_sd15_scaled_linear(schedule):
     assert schedule.final_alpha_cumprod == pytest.approx(0.99915, abs=1e-5)  # set_alpha_to_one False
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_diffusers_training_scripts(prediction_type):
+    """The weighting of diffusers' train_text_to_image.py (``--snr_gamma``), computed with its compute_snr."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    config = {**SD15, "prediction_type": prediction_type}
+    ours = NoiseSchedule.from_scheduler_config(config)
+    t = torch.tensor([0, 10, 50, 200, 500, 999])
+    snr = compute_snr(DDPMScheduler.from_config(config), t)
+    expected = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    expected = expected / snr if prediction_type == "epsilon" else expected / (snr + 1)
+    weights = ours.min_snr_weights(t, 5.0)
+    assert torch.allclose(weights, expected, rtol=1e-5)
+    if prediction_type == "epsilon":  # clean steps down-weighted, noisy steps untouched
+        assert weights[0] < 0.01 and weights[-1] == 1.0
+
+
 def test_solver_grid_edges_and_timesteps():
     grid = solver_grid(1000, 50)
     assert grid[:3].tolist() == [19, 39, 59] and grid[-1].item() == 999 and grid.numel() == 50

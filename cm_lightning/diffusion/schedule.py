@@ -50,6 +50,23 @@ class NoiseSchedule:
         shape = (-1,) + (1,) * (ndim - 1)
         return abar.sqrt().view(shape), (1 - abar).sqrt().view(shape)
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio a_t^2 / s_t^2 at integer timesteps t [B] (float32)."""
+        abar = self.alphas_cumprod.to(t.device)[t.long()].float()
+        return abar / (1 - abar)
+
+    def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights [B] (Hang et al. 2023; diffusers' ``snr_gamma``) for this schedule's
+        prediction type: the loss of each sample counts as an x0-loss clipped at SNR gamma, so the nearly clean
+        timesteps stop dominating training and the noisy ones (where the prompt decides the image) learn faster."""
+        snr = self.snr(t)
+        clipped = snr.clamp(max=gamma)
+        if self.prediction_type == "epsilon":
+            return clipped / snr
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = a_t * x0 + s_t * noise (the forward process q(x_t | x0))."""
         a, s = self.alpha_sigma(t, x0.ndim)
