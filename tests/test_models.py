@@ -272,3 +272,15 @@ def test_identity_tracks_tokenizer_and_dtype(tiny_components, tmp_path):
         tiny_components.vae, tiny_components.text_encoder, other_tok, identity_source=base["source"]
     )
     assert other.identity()["config_sha256"] != base["config_sha256"]
+
+
+def test_sampling_network_runs_bf16_weights_outside_autocast(tmp_path):
+    """SampleGrid samples outside autocast: fp32 latents and context must reach a bf16 UNet (with the text
+    addition embedding, whose linear layer sees the context first) in its dtype, and come back fp32."""
+    from cm_lightning.methods.sampling import unet_network
+
+    folder = build_tiny_sd(tmp_path / "m", image_size=16, text_hidden_size=64, addition_embed_type="text")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(torch.bfloat16)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    out = unet_network(unet)(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), context)
+    assert out.dtype == torch.float32 and out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()

@@ -11,8 +11,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CM_LIGHTNING_CACHE=/tmp/cm_c
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; RUNS=/tmp/quality_runs; mkdir -p "$RUNS"
 STEPS=${STEPS:-2000}; MAX_TIME=${MAX_TIME:-00:00:04:45}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; date -u; } > "$OUT/machine.txt"
-# 0. the teacher's guidance scale: the g (diffusers' form) with the best 50-step fidelity on 500 train prompts
-G=$(python3 - <<'PY' 2>/dev/null | tail -1
+# 0. the teacher's guidance scale (or G=... given): the g (diffusers' form) with the best 50-step fidelity on 500 train prompts
+[ -n "${G:-}" ] || G=$(python3 - <<'PY' 2>/dev/null | tail -1
 import json, os
 from cm_lightning.eval.table import PromptSet, Row, evaluate_rows
 sets = [PromptSet.from_shapes("train", "train", 500, 99)]

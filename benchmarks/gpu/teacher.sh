@@ -17,7 +17,7 @@ python3 -m cm_lightning.build_teacher out=/tmp/teacher/shapes_teacher "${START[@
   "unet_overrides=[\"experiment=shapes_teacher\",\"trainer.max_steps=100000\",\"trainer.max_time=$TRAIN_TIME\",\"+trainer.profiler=simple\"${UNET_ARGS:-}]" \
   hydra.run.dir=/tmp/teacher/run 2>&1 | grep -v -E "it/s\]|s/it\]|img/s\]" | tee "$OUT/build.log" | grep -v "^|" | tail -30
 grep -E "^\|  (Action|Total|run_training_batch|\[Strategy\]|\[LightningModule\]|\[_TrainingEpochLoop\]|\[Callback\]RichProgressBar.on_train_batch_end)" \
-  "$OUT/build.log" | cut -c1-60,160- | head -20
+  "$OUT/build.log" | cut -c1-60,160- || true  # no `head`: its early exit is a SIGPIPE that pipefail makes fatal
 find /tmp/teacher -name metrics.csv -exec cp {} "$OUT/unet_metrics.csv" \;
 python3 benchmarks/gpu/teacher_eval.py /tmp/teacher/shapes_teacher "$OUT/teacher_eval.json" --prompts 500 2>&1 \
   | grep -E "fidelity|Error" | tee "$OUT/teacher_eval.txt"

@@ -20,8 +20,12 @@ SamplerKind = Literal["ddim", "multistep", "edge_jumps"]
 
 
 def unet_network(unet):
-    """Wrap a diffusers UNet2DConditionModel as ``net(x_t, t, context) -> output``."""
-    return lambda x, t, context: unet(x, t, encoder_hidden_states=context).sample
+    """Wrap a diffusers UNet2DConditionModel as ``net(x_t, t, context) -> output``.
+
+    Inputs go in at the frozen weights' dtype (bf16/fp16 when training with mixed precision: sampling runs
+    outside autocast) and the output comes back in fp32, so the sampler's maths stay in fp32."""
+    dtype = unet.conv_in.weight.dtype  # the base weights' dtype; LoRA weights may be fp32 beside them
+    return lambda x, t, context: unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
 
 
 def sampling_timesteps(
