@@ -87,6 +87,9 @@ def build_teacher(cfg: DictConfig) -> Path:
         "unet_overrides": list(overrides[: len(cfg.unet_overrides)]),
         "unet_final_loss": metrics.get("train/loss"),
     }
+    previous = Path(cfg.continue_from) / "build_record.json" if cfg.get("continue_from") else None
+    if previous is not None and previous.is_file():  # a teacher built over several calls keeps its history
+        record["previous"] = json.loads(previous.read_text())
     (out / "build_record.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(work, ignore_errors=True)
     log.info("teacher written to %s", out)

@@ -44,7 +44,8 @@ def test_build_then_continue(tmp_path):
     unet_moved = any(not torch.equal(a, b) for a, b in zip(parts.unet.state_dict().values(),
                                                           again.unet.state_dict().values()))
     assert vae_same and unet_moved
-    assert json.loads((second / "build_record.json").read_text())["continue_from"] == str(first)
+    second_record = json.loads((second / "build_record.json").read_text())
+    assert second_record["continue_from"] == str(first) and second_record["previous"] == record
 
 
 def test_reuse_vae_from_another_teacher(tmp_path):

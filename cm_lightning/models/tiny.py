@@ -197,6 +197,8 @@ def _unet(spec: TinySDSpec) -> UNet2DConditionModel:
         cross_attention_dim=spec.text_hidden_size,
         norm_num_groups=spec.norm_num_groups,
         addition_embed_type=spec.addition_embed_type,
+        # diffusers' default of 64 pooling heads needs a text width of at least 64 (the shapes teacher's)
+        addition_embed_type_num_heads=min(64, spec.text_hidden_size),
     )
 
 
