@@ -21,8 +21,8 @@ class TeacherTraining(L.LightningModule):
     """Args: unet (all weights trained), schedule, optimizer / lr_scheduler factories (Hydra partials),
     caption_dropout (probability of training on the empty prompt), ema_decay, gradient_checkpointing,
     snr_gamma (None: plain MSE; a number: min-SNR-gamma weighting, 5 in the paper and in diffusers' scripts),
-    compile (None, or a ``torch.compile`` mode such as "default" or "reduce-overhead": the small teacher UNet is
-    launch-bound on a GPU; compiling fuses its many small kernels. Checked on CPU, not yet measured on a GPU)."""
+    compile (None, or a ``torch.compile`` mode such as "default" or "reduce-overhead": fuses the small UNet's many
+    small kernels. Checked on CPU, not yet measured on a GPU)."""
 
     sampler_kind = "ddim"
 
@@ -88,7 +88,7 @@ class TeacherTraining(L.LightningModule):
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))  # warm-up
-        # one foreach kernel per dtype group instead of one lerp per parameter (the step is launch-bound)
+        # one foreach kernel per dtype group instead of one lerp per parameter (a small UNet has hundreds)
         torch._foreach_lerp_(list(self.ema_unet.parameters()), [p.detach() for p in self.unet.parameters()],
                              1 - decay)
 
