@@ -78,6 +78,17 @@ def test_top_level_knobs_reach_their_modules(tmp_path):
     assert cfg.trainer.accumulate_grad_batches == 4
 
 
+@pytest.mark.parametrize("experiment", ["demo", "shapes_distill", "shapes_teacher"])
+def test_an_experiments_top_level_values_win_over_train_yaml(experiment, tmp_path):
+    """train.yaml's own batch_size / teacher_guidance / task_name once silently beat every experiment's."""
+    want = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+    cfg = compose_train(f"experiment={experiment}", f"paths.output_dir={tmp_path}")
+    for key in ("task_name", "batch_size", "teacher_guidance", "boundaries"):
+        if key in want:
+            assert cfg[key] == want[key], key
+    assert cfg.data.datamodule.batch_size == want.batch_size  # and it reaches the datamodule
+
+
 def _lora_weights(unet) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in unet.named_parameters() if "lora" in n}
 
