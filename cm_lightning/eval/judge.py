@@ -182,8 +182,12 @@ def attribute_accuracy(judge: ShapesJudge, images: Tensor, specs: list[SceneSpec
     if len(images) != len(specs):
         raise UserError(f"attribute_accuracy got {len(images)} images but {len(specs)} scenes")
     preds = [judge.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    pred = {h: torch.cat([p[h] for p in preds]) for h in HEADS}
-    true = scene_targets(specs)
+    return compare_scenes({h: torch.cat([p[h] for p in preds]) for h in HEADS}, scene_targets(specs))
+
+
+def compare_scenes(pred: dict[str, Tensor], true: dict[str, Tensor]) -> dict[str, float]:
+    """Accuracies of structured predictions against structured truth (both as :func:`scene_targets` gives);
+    the keys of :func:`attribute_accuracy`."""
     occupied = true["occupied"] == 1
     correct = {"background": pred["background"] == true["background"],
                "occupied": pred["occupied"] == true["occupied"]}

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..data.shapes import caption_of, sample_scene
-from ..eval.judge import CELL_HEADS, HEADS, NUM_CELLS, scene_targets
+from ..eval.judge import CELL_HEADS, HEADS, NUM_CELLS, compare_scenes, scene_targets
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +60,16 @@ def _captions(n: int, split: str, seed: int) -> tuple[list[str], dict[str, Tenso
 
 
 def _tokenize(tokenizer, captions: list[str]) -> tuple[Tensor, Tensor]:
-    """Token ids [N, 77] and a mask [N, 77] of the end-of-text position and the padding after it."""
+    """Token ids [N, 77] and the position of each caption's end-of-text token [N]."""
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
-    is_eos = ids == tokenizer.eos_token_id
-    first_eos = is_eos.float().argmax(1, keepdim=True)
-    return ids, torch.arange(ids.shape[1]).unsqueeze(0) >= first_eos
+    return ids, (ids == tokenizer.eos_token_id).float().argmax(1)
 
 
-def _summary_states(text_encoder, ids: Tensor, mask: Tensor, positions: int) -> Tensor:
+def _summary_states(text_encoder, ids: Tensor, eos: Tensor, positions: int) -> Tensor:
     """Hidden states at the end-of-text token and the next ``positions - 1`` padding positions [B, P, D]."""
     hidden = text_encoder(ids)[0]
-    first = mask.float().argmax(1)
-    index = (first.unsqueeze(1) + torch.arange(positions, device=ids.device)).clamp(max=ids.shape[1] - 1)
+    index = (eos.unsqueeze(1) + torch.arange(positions, device=ids.device)).clamp(max=ids.shape[1] - 1)
     return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
@@ -83,17 +80,12 @@ def scene_accuracy(text_encoder, heads: SceneHeads, tokenizer, captions: list[st
     device = next(text_encoder.parameters()).device
     preds: dict[str, list[Tensor]] = {h: [] for h in HEADS}
     for i in range(0, len(captions), batch_size):
-        ids, mask = _tokenize(tokenizer, captions[i:i + batch_size])
-        logits = heads(_summary_states(text_encoder, ids.to(device), mask.to(device), 1)[:, 0])
+        ids, eos = _tokenize(tokenizer, captions[i:i + batch_size])
+        logits = heads(_summary_states(text_encoder, ids.to(device), eos.to(device), 1)[:, 0])
         for h in HEADS:
             preds[h].append(logits[h].argmax(-1).cpu())
-    pred = {h: torch.cat(v) for h, v in preds.items()}
-    result = {"background": (pred["background"] == targets["background"]).float().mean().item(),
-              "occupied": (pred["occupied"] == targets["occupied"]).float().mean().item()}
-    asked = targets["occupied"] == 1
-    for h in ("shape", "colour", "size"):
-        result[h] = (pred[h] == targets[h])[asked].float().mean().item()
-    return result
+    accuracy = compare_scenes({h: torch.cat(v) for h, v in preds.items()}, targets)
+    return {h: accuracy[h] for h in HEADS}
 
 
 def train_text_encoder(
@@ -106,7 +98,7 @@ def train_text_encoder(
     device = torch.device(device)
     torch.manual_seed(seed)
     captions, targets = _captions(num_captions, "train", seed)
-    ids, mask = _tokenize(tokenizer, captions)
+    ids, eos = _tokenize(tokenizer, captions)
     text_encoder.to(device).train().requires_grad_(True)
     heads = SceneHeads(text_encoder.config.hidden_size).to(device)
     params = [*text_encoder.parameters(), *heads.parameters()]
@@ -115,7 +107,7 @@ def train_text_encoder(
     bar = tqdm(range(steps), desc="text encoder", disable=not progress)
     for _ in bar:
         batch = torch.randint(0, num_captions, (batch_size,))
-        states = _summary_states(text_encoder, ids[batch].to(device), mask[batch].to(device), positions)
+        states = _summary_states(text_encoder, ids[batch].to(device), eos[batch].to(device), positions)
         loss = scene_loss(heads(states), {h: t[batch].to(device) for h, t in targets.items()})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
