@@ -29,7 +29,7 @@ demo:  ## distill the shipped shapes teacher with MCD (K=4) on CPU; writes the f
 figure:  ## the seed's five-row figure on the tiny model (trains CT, CD, MCD briefly first)
 	$(PYTHON) -m cm_lightning.compare model=tiny train_missing=true
 
-teacher:  ## retrain the shapes teacher from scratch (one GPU, about 15 minutes; benchmarks/teacher.md)
+teacher:  ## retrain the shapes teacher from scratch (one GPU; estimated ~15 min, see benchmarks/teacher.md)
 	$(PYTHON) -m cm_lightning.build_teacher out=cm_lightning/assets/shapes_teacher
 
 evaluate:  ## the quality table on the shapes world (GPU; see benchmarks/quality.md)
