@@ -24,16 +24,16 @@ train:  ## CD on the tiny random model, CPU, 20 steps (the quickstart)
 	$(PYTHON) -m cm_lightning.train experiment=quickstart
 
 demo:  ## distill the shipped shapes teacher with MCD (K=4) on CPU; writes the figure and the metrics
-	$(PYTHON) -m cm_lightning.demo
+	$(PYTHON) -m cm_lightning.shapes.demo
 
 figure:  ## the seed's five-row figure on the tiny model (trains CT, CD, MCD briefly first)
 	$(PYTHON) -m cm_lightning.compare model=tiny train_missing=true
 
 teacher:  ## retrain the shapes teacher from scratch (one GPU; estimated ~15 min, see benchmarks/teacher.md)
-	$(PYTHON) -m cm_lightning.build_teacher out=cm_lightning/assets/shapes_teacher
+	$(PYTHON) -m cm_lightning.shapes.build_teacher out=cm_lightning/assets/shapes_teacher
 
 evaluate:  ## the quality table on the shapes world (GPU; see benchmarks/quality.md)
-	$(PYTHON) -m cm_lightning.evaluate
+	$(PYTHON) -m cm_lightning.shapes.evaluate
 
 lint:  ## ruff
 	$(PYTHON) -m ruff check cm_lightning tests

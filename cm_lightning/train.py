@@ -21,7 +21,6 @@ from .cli import build, compute_device, load_model, one_line_errors, parse_dtype
 from .diffusion.schedule import NoiseSchedule
 from .errors import UserError
 from .models.encoders import FrozenEncoders
-from .methods.teacher import TeacherTraining
 from .models.components import save_model_folder
 from .models.lora import save_lora_diffusers
 from .pipeline import RunInfo
@@ -87,8 +86,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
-        if isinstance(module, TeacherTraining):  # a whole new model: the base folder with the EMA UNet
-            folder = save_model_folder(cfg.model.pretrained, module.ema_unet, output_dir / "model")
+        if not cfg.method.get("uses_lora", True):  # a whole new model (method=teacher): the base folder, new UNet
+            folder = save_model_folder(cfg.model.pretrained, module.exported_unet, output_dir / "model")
             OmegaConf.save(cfg, folder / "train_config.yaml", resolve=True)
             log.info("model written to %s", folder)
         else:

@@ -34,6 +34,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def judge():
     """The shipped shapes judge, frozen."""
-    from cm_lightning.eval.judge import load_judge
+    from cm_lightning.shapes.judge import load_judge
 
     return load_judge()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from cm_lightning.build_teacher import build_teacher
+from cm_lightning.shapes.build_teacher import build_teacher
 from cm_lightning.errors import UserError
 from cm_lightning.models.components import load_components
 

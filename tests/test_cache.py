@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cm_lightning.data.cache import LatentCache
-from cm_lightning.data.shapes import ShapesSource
+from cm_lightning.shapes.world import ShapesSource
 from cm_lightning.data.sources import BadSample, SkipReport
 from cm_lightning.errors import UserError
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cm_lightning.data.datamodule import LatentDataModule
-from cm_lightning.data.shapes import ShapesSource
+from cm_lightning.shapes.world import ShapesSource
 from cm_lightning.errors import UserError
 from .test_cache import FakeEncoders
 

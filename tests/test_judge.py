@@ -5,14 +5,14 @@ import dataclasses
 import pytest
 import torch
 
-from cm_lightning.data.shapes import POSITIONS, SPLITS, SceneSpec, ShapesSource, caption_of, scene_at
+from cm_lightning.shapes.world import POSITIONS, SPLITS, SceneSpec, ShapesSource, caption_of, scene_at
 from cm_lightning.errors import UserError
-from cm_lightning.eval.captions import parse_caption
-from cm_lightning.eval.judge import (
+from cm_lightning.shapes.captions import parse_caption
+from cm_lightning.shapes.judge import (
     DEFAULT_JUDGE_DIR, HEADS, WEIGHTS_NAME, attribute_accuracy, judge_record, load_judge, render_images,
     scene_targets, scenes_of,
 )
-from cm_lightning.eval.train_judge import EVAL_IMAGES, augment, train
+from cm_lightning.shapes.train_judge import EVAL_IMAGES, augment, train
 
 # Seed-0 indices beyond those judge.json was measured on: a fresh sample the judge never trained on.
 FRESH = range(EVAL_IMAGES + 3000, EVAL_IMAGES + 3150)

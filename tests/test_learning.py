@@ -10,7 +10,7 @@ from __future__ import annotations
 from hydra import compose, initialize_config_dir
 
 from cm_lightning.cli import asset_path
-from cm_lightning.eval.table import PromptSet, Row, evaluate_rows
+from cm_lightning.shapes.table import PromptSet, Row, evaluate_rows
 from cm_lightning.train import train
 
 from .test_train import CONF

@@ -5,12 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from cm_lightning.data.shapes import POSITIONS, SceneSpec, caption_of, scene_at
+from cm_lightning.shapes.world import POSITIONS, SceneSpec, caption_of, scene_at
 from cm_lightning.errors import UserError
-from cm_lightning.eval.judge import render_images
-from cm_lightning.eval.metrics import (
-    clip_score, fidelity_breakdown, frechet_distance, prompt_fidelity, teacher_gap,
-)
+from cm_lightning.shapes.judge import render_images
+from cm_lightning.eval.metrics import clip_score, teacher_gap
+from cm_lightning.shapes.metrics import fidelity_breakdown, frechet_distance, prompt_fidelity
 
 N = 300
 

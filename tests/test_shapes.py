@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cm_lightning.data.shapes import (
+from cm_lightning.shapes.world import (
     BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, POSITIONS, SHAPES, ObjectSpec, SceneSpec, ShapesSource,
     caption_of, object_center, prompts, render_scene, sample_scene, scene_at,
 )

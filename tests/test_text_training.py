@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from cm_lightning.data.shapes import scene_at
-from cm_lightning.eval.judge import HEADS, scene_targets
-from cm_lightning.models.text_training import SceneHeads, scene_loss, train_text_encoder
+from cm_lightning.shapes.world import scene_at
+from cm_lightning.shapes.judge import HEADS, scene_targets
+from cm_lightning.shapes.text_training import SceneHeads, scene_loss, train_text_encoder
 from cm_lightning.models.tiny import build_tiny_sd
 
 

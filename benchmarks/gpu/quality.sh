@@ -14,7 +14,7 @@ STEPS=${STEPS:-2000}; MAX_TIME=${MAX_TIME:-00:00:04:45}
 # 0. the teacher's guidance scale (or G=... given): the g (diffusers' form) with the best 50-step fidelity on 500 train prompts
 [ -n "${G:-}" ] || G=$(python3 - <<'PY' 2>/dev/null | tail -1
 import json, os
-from cm_lightning.eval.table import PromptSet, Row, evaluate_rows
+from cm_lightning.shapes.table import PromptSet, Row, evaluate_rows
 sets = [PromptSet.from_shapes("train", "train", 500, 99)]
 rows = [Row(f"g={g}", None, 50, g) for g in (1.5, 2.0, 3.0, 5.0, 7.5)]
 res, _ = evaluate_rows("cm_lightning/assets/shapes_teacher", rows, sets, reference="g=1.5", device="cuda", batch_size=500)
@@ -38,7 +38,7 @@ for name in ct cd mcd2 mcd4 mcd8; do
   echo "== $name: $(grep -c . $RUNS/$name/csv/version_0/metrics.csv 2>/dev/null) metric rows; last:"; tail -1 $RUNS/$name/csv/version_0/metrics.csv 2>/dev/null
   grep -E "Error|error:|max_steps|Time limit" "$RUNS/$name.log" | tail -3
 done | tee "$OUT/training_summary.txt"
-python3 -m cm_lightning.evaluate runs.ct=$RUNS/ct runs.cd=$RUNS/cd runs.mcd2=$RUNS/mcd2 runs.mcd4=$RUNS/mcd4 \
+python3 -m cm_lightning.shapes.evaluate runs.ct=$RUNS/ct runs.cd=$RUNS/cd runs.mcd2=$RUNS/mcd2 runs.mcd4=$RUNS/mcd4 \
   runs.mcd8=$RUNS/mcd8 guidance=$G output_dir=$OUT/eval hydra.run.dir=$RUNS/eval 2>&1 | grep -v -E "it/s|s/it" | tail -30
 tar -C $RUNS -cf "$OUT/train_logs.tar" --exclude='*.ckpt' --exclude='*.safetensors' --exclude='*.pt' ct cd mcd2 mcd4 mcd8 ct.log cd.log mcd2.log mcd4.log mcd8.log
 ls -la "$OUT" "$OUT/eval"

@@ -13,7 +13,7 @@ TRAIN_TIME=${TRAIN_TIME:-00:00:06:00}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; date -u; } > "$OUT/machine.txt"
 START=()
 [ -n "${CONTINUE:-}" ] && START=("continue_from=$CONTINUE")
-python3 -m cm_lightning.build_teacher out=/tmp/teacher/shapes_teacher "${START[@]}" ${BUILD_ARGS:-} \
+python3 -m cm_lightning.shapes.build_teacher out=/tmp/teacher/shapes_teacher "${START[@]}" ${BUILD_ARGS:-} \
   "unet_overrides=[\"experiment=shapes_teacher\",\"trainer.max_steps=100000\",\"trainer.max_time=$TRAIN_TIME\",\"+trainer.profiler=simple\"${UNET_ARGS:-}]" \
   hydra.run.dir=/tmp/teacher/run 2>&1 | grep -v -E "it/s\]|s/it\]|img/s\]" | tee "$OUT/build.log" | grep -v "^|" | tail -30
 grep -E "^\|  (Action|Total|run_training_batch|\[Strategy\]|\[LightningModule\]|\[_TrainingEpochLoop\]|\[Callback\]RichProgressBar.on_train_batch_end)" \

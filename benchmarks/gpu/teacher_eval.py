@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cm_lightning.eval.table import PromptSet, Row, evaluate_rows
+from cm_lightning.shapes.table import PromptSet, Row, evaluate_rows
 
 
 def main() -> None:

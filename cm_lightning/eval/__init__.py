@@ -1,10 +1,8 @@
-"""Evaluation in the shapes world: caption parsing, the judge, and image-quality metrics."""
+"""Image-quality metrics any model can use (teacher gap, Frechet distance over a feature network, CLIP score).
 
-from cm_lightning.eval.captions import parse_caption
-from cm_lightning.eval.judge import ShapesJudge, load_judge
-from cm_lightning.eval.metrics import (
-    clip_score, fidelity_breakdown, frechet_distance, prompt_fidelity, teacher_gap,
-)
+The shapes world's judge and its metrics live in ``cm_lightning.shapes``.
+"""
 
-__all__ = ["ShapesJudge", "clip_score", "fidelity_breakdown", "frechet_distance", "load_judge",
-           "parse_caption", "prompt_fidelity", "teacher_gap"]
+from cm_lightning.eval.metrics import clip_score, frechet_distance, teacher_gap
+
+__all__ = ["clip_score", "frechet_distance", "teacher_gap"]

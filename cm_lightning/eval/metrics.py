@@ -1,5 +1,6 @@
-"""Image-quality metrics: prompt fidelity and Frechet distance through the shapes judge, the gap to a
-teacher's images, and CLIP score for real SD1.5 runs.
+"""Image-quality metrics that need no particular world: the gap to a teacher's images, the Frechet distance over
+any feature network, and CLIP score for real SD1.5 runs. The shapes world's judge-based metrics are in
+``cm_lightning.shapes.metrics``.
 
 Pure functions over tensors. Images are [N, 3, H, W] floats with pixels in [-1, 1].
 """
@@ -7,15 +8,12 @@ Pure functions over tensors. Images are [N, 3, H, W] floats with pixels in [-1, 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from cm_lightning.errors import UserError
-from cm_lightning.eval.captions import parse_caption
-from cm_lightning.eval.judge import (
-    CELL_HEADS, HEADS, OBJECT_HEADS, ShapesJudge, prepare_images, scene_targets,
-)
 
 
 def _check_count(what: str, images: Tensor, n: int, other: str) -> None:
@@ -24,81 +22,15 @@ def _check_count(what: str, images: Tensor, n: int, other: str) -> None:
 
 
 @torch.no_grad()
-def _predict(judge: ShapesJudge, images: Tensor, batch_size: int) -> dict[str, Tensor]:
-    device = next(judge.parameters()).device
-    preds = [judge.predict(images[i:i + batch_size].to(device)) for i in range(0, len(images), batch_size)]
-    return {h: torch.cat([p[h] for p in preds]).cpu() for h in HEADS}
+def frechet_distance(features: nn.Module, images_a: Tensor, images_b: Tensor, *, batch_size: int = 256,
+                     prepare: Callable[[Tensor], Tensor] | None = None) -> float:
+    """Frechet distance between Gaussians fitted to ``features`` of two image sets (the FID formula).
 
-
-def fidelity_breakdown(judge: ShapesJudge, images: Tensor, prompts: list[str],
-                       batch_size: int = 256) -> dict[str, float]:
-    """How much of each prompt the judge finds in its image, all values in [0, 1].
-
-    Each prompt asks for its background colour and, per object at the object's cell: an object there
-    ("occupied"), its "shape", "colour" and "size". Shape, colour and size count only where the judge
-    also finds the cell occupied, so an empty image scores low whatever the heads guess.
-
-    Returns:
-        "fidelity": per image, the fraction of its prompted attributes found; mean over images.
-        "background", "occupied", "shape", "colour", "size": fraction found over all prompted instances.
-        "scenes": fraction of images in which every prompted attribute is found.
-        "empty_cells": fraction of the cells a prompt leaves empty that the judge finds empty (extra
-            objects; a diagnostic, not part of "fidelity").
-    """
-    _check_count("prompt fidelity", images, len(prompts), "prompts")
-    if len(prompts) == 0:
-        raise UserError("prompt fidelity: no images given")
-    specs = []
-    for i, prompt in enumerate(prompts):
-        spec = parse_caption(prompt)
-        if spec is None:
-            raise UserError(f"prompt fidelity: prompt {i} {prompt!r} is not a shapes-world caption")
-        specs.append(spec)
-    pred, want = _predict(judge, images, batch_size), scene_targets(specs)
-    asked = want["occupied"] == 1  # [N, 9] cells the prompt puts an object in
-    hits = {"background": pred["background"] == want["background"],  # [N]
-            "occupied": (pred["occupied"] == 1) & asked}  # [N, 9], True only at asked cells
-    for h in OBJECT_HEADS:  # pred is -1 where the judge sees no object, so those never match
-        hits[h] = (pred[h] == want[h]) & asked
-    per_image_hits = hits["background"].float() + sum(hits[h].sum(1).float() for h in CELL_HEADS)
-    per_image_asked = 1 + len(CELL_HEADS) * asked.sum(1).float()
-    result = {"fidelity": (per_image_hits / per_image_asked).mean().item(),
-              "background": hits["background"].float().mean().item()}
-    for h in CELL_HEADS:
-        result[h] = (hits[h].sum() / asked.sum()).item()
-    result["scenes"] = (per_image_hits == per_image_asked).float().mean().item()
-    unasked = ~asked
-    result["empty_cells"] = ((pred["occupied"] == 0) & unasked).sum().item() / max(1, int(unasked.sum()))
-    return result
-
-
-def prompt_fidelity(judge: ShapesJudge, images: Tensor, prompts: list[str], batch_size: int = 256) -> float:
-    """Mean fraction of prompted attributes the judge finds in each image (see :func:`fidelity_breakdown`)."""
-    return fidelity_breakdown(judge, images, prompts, batch_size)["fidelity"]
-
-
-class _JudgeFeatures(nn.Module):
-    """The judge as torchmetrics' FID feature extractor: float images in [0, 1] -> features [B, F].
-
-    ``num_features`` tells torchmetrics the feature size, so it skips its 299x299 dummy forward pass.
-    """
-
-    def __init__(self, judge: ShapesJudge):
-        super().__init__()
-        self.judge = judge
-        self.num_features = judge.num_features
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.judge.features(images * 2 - 1)
-
-
-@torch.no_grad()
-def frechet_distance(judge: ShapesJudge, images_a: Tensor, images_b: Tensor, batch_size: int = 256) -> float:
-    """Frechet distance between Gaussians fitted to the judge's features of two image sets.
-
-    Uses torchmetrics' ``FrechetInceptionDistance`` with the judge as its ``feature`` module (statistics
-    and the distance in float64). Sets may differ in size; each needs >= 2 images, and in real use
-    >= 2,000, since the estimate is biased upwards for small sets (672 feature dimensions).
+    Uses torchmetrics' ``FrechetInceptionDistance`` with ``features`` as its feature module: it maps float images
+    in [0, 1] to [B, F] and has a ``num_features`` attribute (so torchmetrics skips its 299x299 dummy pass).
+    Statistics and the distance are in float64. ``prepare`` checks/resizes each batch (pixels in [-1, 1]) first.
+    Sets may differ in size; each needs >= 2 images, and in real use thousands (the estimate is biased upwards
+    for small sets).
     """
     from torchmetrics.image.fid import FrechetInceptionDistance  # heavy import: only when used
 
@@ -106,13 +38,15 @@ def frechet_distance(judge: ShapesJudge, images_a: Tensor, images_b: Tensor, bat
         if len(images) < 2:
             raise UserError(f"frechet_distance: {name} has {len(images)} images; "
                             "need at least 2 (>= 2,000 in real use)")
-    device = next(judge.parameters()).device
-    fid = FrechetInceptionDistance(feature=_JudgeFeatures(judge), normalize=True).to(device)
+    device = next(features.parameters()).device
+    fid = FrechetInceptionDistance(feature=features, normalize=True).to(device)
     for images, real in ((images_a, True), (images_b, False)):
         for i in range(0, len(images), batch_size):
-            batch = prepare_images(images[i:i + batch_size].to(device))
+            batch = images[i:i + batch_size].to(device)
+            if prepare is not None:
+                batch = prepare(batch)
             fid.update((batch + 1) / 2, real=real)  # normalize=True: floats in [0, 1]
-    # The distance needs eigenvalues of a 672x672 matrix: ~0.2 s on one thread, but threaded LAPACK can
+    # The distance needs eigenvalues of an F x F matrix: ~0.2 s for F = 672 on one thread, but threaded LAPACK can
     # take minutes when the cores are shared with other processes. One thread, then restore.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

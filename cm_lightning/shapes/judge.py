@@ -2,7 +2,7 @@
 
 From a 64x64 image alone it predicts the background colour and, for each of the 9 grid cells, whether
 an object is there and its shape, colour and size. It is trained on the generator's own labels
-(``python -m cm_lightning.eval.train_judge``) and shipped under ``cm_lightning/assets/judge/``.
+(``python -m cm_lightning.shapes.train_judge``) and shipped under ``cm_lightning/assets/judge/``.
 
 Structured form (what :meth:`ShapesJudge.predict` and :func:`scene_targets` return), a dict of long
 tensors indexing the vocabularies in :data:`HEADS`:
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from cm_lightning.data.shapes import (
+from cm_lightning.shapes.world import (
     BACKGROUNDS, COLOURS, GENERATOR_VERSION, POSITIONS, SHAPES, SIZES, ObjectSpec, SceneSpec, render_scene,
 )
 from cm_lightning.errors import UserError
@@ -223,7 +223,7 @@ def load_judge(path: str | Path | None = None, device: str | torch.device = "cpu
         path = path / WEIGHTS_NAME
     if not path.is_file():
         raise UserError(f"judge weights {path} not found; train them with "
-                        "`python -m cm_lightning.eval.train_judge --out DIR`")
+                        "`python -m cm_lightning.shapes.train_judge --out DIR`")
     from safetensors import safe_open  # metadata only; the tensors come from load_file
 
     with safe_open(str(path), framework="pt") as f:
@@ -233,7 +233,7 @@ def load_judge(path: str | Path | None = None, device: str | torch.device = "cpu
     if meta.get("generator") != GENERATOR_VERSION:
         raise UserError(f"judge weights {path} were trained on generator={meta.get('generator')!r} but the "
                         f"shapes generator is {GENERATOR_VERSION!r}; retrain with "
-                        "`python -m cm_lightning.eval.train_judge`")
+                        "`python -m cm_lightning.shapes.train_judge`")
     judge = ShapesJudge()
     judge.load_state_dict(load_file(str(path)))
     judge.to(device).eval().requires_grad_(False)

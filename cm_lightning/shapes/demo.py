@@ -13,14 +13,14 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig
 
-from .cli import one_line_errors
+from ..cli import one_line_errors
 from .evaluate import evaluate
 
-log = logging.getLogger("cm_lightning.demo")
+log = logging.getLogger("cm_lightning.shapes.demo")
 
 
 def demo(cfg: DictConfig) -> Path:
-    from .train import train
+    from ..train import train
 
     run = Path(cfg.output_dir) / "run"
     overrides = [*cfg.train_overrides, f"paths.output_dir={run}", f"paths.cache_dir={cfg.paths.cache_dir}"]
@@ -30,7 +30,7 @@ def demo(cfg: DictConfig) -> Path:
     return evaluate(cfg)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="demo")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="demo")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     print(demo(cfg))

@@ -1,4 +1,4 @@
-"""Build the shapes world's teacher from scratch: ``python -m cm_lightning.build_teacher``.
+"""Build the shapes world's teacher from scratch: ``python -m cm_lightning.shapes.build_teacher``.
 
 Stages, each optional: 1. the text encoder (a small CLIPTextModel) is trained to state each caption's scene
 (``models/text_training.py``; ``text.steps=0`` keeps its random weights), then frozen for good; 2. the VAE is
@@ -21,21 +21,21 @@ import torch
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from .cli import compute_device, one_line_errors
-from .data.shapes import ShapesSource
-from .errors import UserError
-from .models.text_training import train_text_encoder
-from .models.tiny import build_tiny_sd
-from .models.vae_training import train_vae
+from ..cli import compute_device, one_line_errors
+from .world import ShapesSource
+from ..errors import UserError
+from .text_training import train_text_encoder
+from ..models.tiny import build_tiny_sd
+from .vae_training import train_vae
 
-log = logging.getLogger("cm_lightning.build_teacher")
+log = logging.getLogger("cm_lightning.shapes.build_teacher")
 
 
 def build_teacher(cfg: DictConfig) -> Path:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .train import train
+    from ..train import train
 
     out = Path(cfg.out)
     work = out.parent / f".{out.name}-work"
@@ -75,7 +75,7 @@ def build_teacher(cfg: DictConfig) -> Path:
         shutil.rmtree(out)
     shutil.move(str(work / "unet_run" / "model"), out)
     record = {
-        "command": " ".join(["python -m cm_lightning.build_teacher", *sys.argv[1:]]),
+        "command": " ".join(["python -m cm_lightning.shapes.build_teacher", *sys.argv[1:]]),
         "date": date.today().isoformat(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -109,7 +109,7 @@ def _load_vae(folder: Path, image_size: int):
     return vae
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="build_teacher")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="build_teacher")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     print(build_teacher(cfg))

@@ -61,6 +61,11 @@ class TeacherTraining(L.LightningModule):
         if self.null_context is not None:
             self.null_context = self.null_context.to(self.device, torch.float32)
 
+    @property
+    def exported_unet(self) -> torch.nn.Module:
+        """The UNet that ``train`` saves as the new model (``method.uses_lora: false``): the EMA weights."""
+        return self.ema_unet
+
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         kind = self.schedule.prediction_type
         if kind == "epsilon":

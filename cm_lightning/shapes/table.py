@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from ..data.shapes import caption_of, scene_at
+from ..eval.metrics import teacher_gap
 from ..models.components import load_components
 from ..pipeline import load_drawer
 from .judge import load_judge, render_images
-from .metrics import fidelity_breakdown, frechet_distance, teacher_gap
+from .metrics import fidelity_breakdown, frechet_distance
+from .world import caption_of, scene_at
 
 log = logging.getLogger(__name__)
 

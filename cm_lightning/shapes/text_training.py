@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..data.shapes import caption_of, sample_scene
-from ..eval.judge import CELL_HEADS, HEADS, NUM_CELLS, compare_scenes, scene_targets
+from .world import caption_of, sample_scene
+from .judge import CELL_HEADS, HEADS, NUM_CELLS, compare_scenes, scene_targets
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Train the shapes-world judge on the generator's labels, deterministically, on CPU.
 
-    python -m cm_lightning.eval.train_judge [--out DIR] [--steps N] [--seed S]
+    python -m cm_lightning.shapes.train_judge [--out DIR] [--steps N] [--seed S]
 
 Writes ``judge.safetensors`` and ``judge.json`` (command, steps, accuracies per head on splits "test"
 and "heldout", date, torch version) into DIR (default: the shipped ``cm_lightning/assets/judge/``).
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cm_lightning.data.shapes import BACKGROUNDS, GENERATOR_VERSION, SPLITS, SceneSpec, scene_at
+from cm_lightning.shapes.world import BACKGROUNDS, GENERATOR_VERSION, SPLITS, SceneSpec, scene_at
 from cm_lightning.errors import UserError
-from cm_lightning.eval.judge import (
+from cm_lightning.shapes.judge import (
     DEFAULT_JUDGE_DIR, JUDGE_FORMAT, OBJECT_HEADS, RECORD_NAME, ShapesJudge, attribute_accuracy,
     render_images, save_judge, scene_targets,
 )
@@ -165,7 +165,7 @@ def train(steps: int, seed: int, batch_size: int = 128, lr: float = 3e-3,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cm_lightning.eval.train_judge",
+    parser = argparse.ArgumentParser(prog="python -m cm_lightning.shapes.train_judge",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_JUDGE_DIR,
                         help="output folder (default: the shipped assets)")
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     record = {
         "format": JUDGE_FORMAT,
         "generator": GENERATOR_VERSION,
-        "command": " ".join(["python -m cm_lightning.eval.train_judge",
+        "command": " ".join(["python -m cm_lightning.shapes.train_judge",
                              shlex.join(argv if argv is not None else sys.argv[1:])]).strip(),
         "steps": args.steps, "batch_size": 128, "seed": args.seed, "threads": args.threads,
         "train_scenes": f"seed {TRAIN_SEED_BASE}+{args.seed}, all splits, "

@@ -1,4 +1,4 @@
-"""The shapes-world quality table: ``python -m cm_lightning.evaluate runs.cd=RUN runs.mcd4=RUN ...``.
+"""The shapes-world quality table: ``python -m cm_lightning.shapes.evaluate runs.cd=RUN runs.mcd4=RUN ...``.
 
 Writes ``results.json``, ``table.md`` and one comparison figure per prompt set into the output folder.
 """
@@ -13,10 +13,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .cli import compute_device, one_line_errors, parse_dtype
-from .eval.table import PromptSet, Row, evaluate_rows, markdown_table, rows_from_config, save_figures
+from ..cli import compute_device, one_line_errors, parse_dtype
+from .table import PromptSet, Row, evaluate_rows, markdown_table, rows_from_config, save_figures
 
-log = logging.getLogger("cm_lightning.evaluate")
+log = logging.getLogger("cm_lightning.shapes.evaluate")
 
 
 def evaluate(cfg: DictConfig) -> Path:
@@ -42,7 +42,7 @@ def evaluate(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     print(evaluate(cfg))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from cm_lightning.data.shapes import _PREPOSITIONS, BACKGROUNDS, COLOURS, SHAPES, SIZES, ObjectSpec, SceneSpec
+from cm_lightning.shapes.world import _PREPOSITIONS, BACKGROUNDS, COLOURS, SHAPES, SIZES, ObjectSpec, SceneSpec
 from cm_lightning.errors import UserError
 
 
