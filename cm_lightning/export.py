@@ -1,8 +1,8 @@
 """Export a trained run for diffusers: ``python -m cm_lightning.export run=PATH [out=DIR]``.
 
 Writes ``pytorch_lora_weights.safetensors`` (diffusers LoRA format, ``lora_alpha`` kept in its metadata),
-``scheduler/scheduler_config.json`` (LCMScheduler for CT and CD; TCDScheduler for MCD, to be called with
-``eta=0`` and the edge timesteps), the run's training config, and a model card (README.md) saying how to load it.
+``scheduler/scheduler_config.json`` (the run's sampler's diffusers scheduler, from the sampler table: LCMScheduler
+for CT and CD; TCDScheduler for MCD, to be called with ``eta=0`` and the edge timesteps), the run's training config, and a model card (README.md) saying how to load it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from .cli import one_line_errors
 from .errors import UserError
+from .methods.sampler_table import get_sampler
 from .pipeline import RunInfo, apply_trained_lora, resolve_run_folder
 
 log = logging.getLogger("cm_lightning.export")
@@ -23,35 +24,27 @@ WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def scheduler_for(info: RunInfo, base_config: dict):
-    """The diffusers scheduler that reproduces the run's own sampler."""
-    from diffusers import LCMScheduler, TCDScheduler
-
-    cls = TCDScheduler if info.sampler == "edge_jumps" else LCMScheduler
-    return cls.from_config(base_config, original_inference_steps=info.num_solver_steps)
+    """The diffusers scheduler that reproduces the run's own sampler (its entry in the sampler table)."""
+    sampler = get_sampler(info.sampler)
+    return sampler.scheduler_class().from_config(base_config, **sampler.scheduler_config(info.options))
 
 
 def sampling_call(info: RunInfo, num_train_timesteps: int) -> str:
     """The keyword arguments of ``pipe(...)`` that sample the run as it was trained to be sampled."""
-    if info.sampler == "edge_jumps":
-        import torch
-
-        from .diffusion.grid import edge_jump_timesteps
-
-        timesteps = edge_jump_timesteps(torch.tensor(info.edges), num_train_timesteps).tolist()
-        return f"timesteps={timesteps}, eta=0.0, guidance_scale=1.0"
-    return f"num_inference_steps={info.sample_steps}, guidance_scale=1.0"
+    arguments = get_sampler(info.sampler).pipeline_arguments(info.sample_steps, info.options, num_train_timesteps)
+    return ", ".join(f"{k}={v!r}" for k, v in {**arguments, "guidance_scale": 1.0}.items())
 
 
 def model_card(info: RunInfo, base_model: str, num_train_timesteps: int) -> str:
-    scheduler = "TCDScheduler" if info.sampler == "edge_jumps" else "LCMScheduler"
-    edges = f"\n- segment edges: {info.edges}" if info.edges else ""
+    scheduler = get_sampler(info.sampler).scheduler
+    edges = f"\n- segment edges: {info.options['edges']}" if info.options.get("edges") else ""
     return f"""# {info.method.upper()} LoRA for {base_model}
 
 Trained with cm_lightning ({info.method}); samples in {info.sample_steps} steps.
 
 - base model: `{base_model}`
 - LoRA: rank {info.lora.get("rank")}, alpha {info.lora.get("alpha")}
-- solver grid: {info.num_solver_steps} DDIM steps{edges}
+- solver grid: {info.options.get("num_solver_steps", "n/a")} DDIM steps{edges}
 - scheduler: `{scheduler}` (config in `scheduler/`)
 
 ```python

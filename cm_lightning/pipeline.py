@@ -16,6 +16,7 @@ import torch
 from .diffusion.samplers import Conditioning
 from .diffusion.schedule import NoiseSchedule
 from .errors import UserError
+from .methods.sampler_table import get_sampler
 from .methods.sampling import SamplerKind, generate_latents
 from .models.components import SDComponents
 from .models.encoders import FrozenEncoders
@@ -28,13 +29,16 @@ RUN_SUMMARY = "cm_lightning.json"  # written beside the exported LoRA by train.p
 
 @dataclass
 class RunInfo:
-    """What a training run says about how to sample it (from ``lora/cm_lightning.json``)."""
+    """What a training run says about how to sample it (from ``lora/cm_lightning.json``).
+
+    ``options`` are what the run's sampler records (its table entry's ``records``: e.g. ``num_solver_steps``, and
+    ``edges`` for MCD's edge jumps).
+    """
 
     method: str
     sampler: SamplerKind
     sample_steps: int
-    num_solver_steps: int = 50
-    edges: list[int] | None = None
+    options: dict = field(default_factory=dict)
     lora: dict = field(default_factory=dict)
     model: str = ""  # the base model the LoRA was trained on (folder or hub id)
 
@@ -44,9 +48,15 @@ class RunInfo:
         if not path.is_file():
             raise UserError(f"{path}: not found; point at a run's lora/ folder (written by cm_lightning.train)")
         try:
-            return cls(**json.loads(path.read_text()))
-        except (TypeError, json.JSONDecodeError) as error:
+            fields = json.loads(path.read_text())
+            # runs written before the sampler table kept the sampler's options at the top level
+            legacy = {k: fields.pop(k) for k in ("num_solver_steps", "edges") if k in fields}
+            fields["options"] = {**{k: v for k, v in legacy.items() if v is not None}, **fields.get("options", {})}
+            info = cls(**fields)
+        except (TypeError, AttributeError, json.JSONDecodeError) as error:
             raise UserError(f"{path}: not a cm_lightning run summary ({error})") from None
+        get_sampler(info.sampler)  # a sampler this installation does not know is one clear line
+        return info
 
     def write(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -90,25 +100,23 @@ class Drawer:
     encoders: FrozenEncoders
     schedule: NoiseSchedule
     sampler: SamplerKind
-    num_solver_steps: int = 50
-    edges: torch.Tensor | None = None
-    timestep_spacing: str = "leading"
-    steps_offset: int = 1
+    options: dict = field(default_factory=dict)  # the sampler's options: the run's, and the model's timestep spacing
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
 
     @classmethod
     def from_components(
         cls, components: SDComponents, sampler: SamplerKind, *, device="cpu", dtype=torch.float32,
-        encoder_dtype=torch.float32, **options,
+        encoder_dtype=torch.float32, options: dict | None = None,
     ) -> "Drawer":
         config = components.scheduler_config
         unet = components.unet.to(device=device, dtype=dtype).eval()
         encoders = FrozenEncoders.from_components(components, device=device, dtype=encoder_dtype)
+        model_options = {"timestep_spacing": config.get("timestep_spacing", "leading"),
+                         "steps_offset": config.get("steps_offset", 0)}
         return cls(
             unet, encoders, NoiseSchedule.from_scheduler_config(config), sampler,
-            timestep_spacing=config.get("timestep_spacing", "leading"), steps_offset=config.get("steps_offset", 0),
-            device=torch.device(device), dtype=dtype, **options,
+            options={**model_options, **(options or {})}, device=torch.device(device), dtype=dtype,
         )
 
     def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
@@ -146,8 +154,7 @@ class Drawer:
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 latents = generate_latents(
                     self.unet, self.schedule, self.sampler, x, Conditioning(context, null, guidance_scale),
-                    steps=steps, generator=batch_generator, num_solver_steps=self.num_solver_steps,
-                    edges=self.edges, timestep_spacing=self.timestep_spacing, steps_offset=self.steps_offset,
+                    steps=steps, generator=batch_generator, **self.options,
                 )
             out.append(latents.float().cpu())
         return torch.cat(out)
@@ -173,9 +180,7 @@ def load_drawer(
     if run is None:
         return Drawer.from_components(components, "ddim", device=device, dtype=dtype, encoder_dtype=encoder_dtype), None
     info = apply_trained_lora(components.unet, run)
-    edges = torch.tensor(info.edges) if info.edges is not None else None
     drawer = Drawer.from_components(
-        components, info.sampler, device=device, dtype=dtype, encoder_dtype=encoder_dtype,
-        num_solver_steps=info.num_solver_steps, edges=edges,
+        components, info.sampler, device=device, dtype=dtype, encoder_dtype=encoder_dtype, options=info.options,
     )
     return drawer, info

@@ -23,6 +23,7 @@ from .errors import UserError
 from .models.encoders import FrozenEncoders
 from .models.components import save_model_folder
 from .models.lora import save_lora_diffusers
+from .methods.sampler_table import get_sampler
 from .pipeline import RunInfo
 
 log = logging.getLogger("cm_lightning.train")
@@ -47,14 +48,13 @@ def build_module(cfg: DictConfig, components) -> L.LightningModule:
 
 
 def run_info(cfg: DictConfig, module) -> RunInfo:
-    """What sample/export need to know about this run: the method, its sampler and its edges."""
-    edges = module.sampler_options().get("edges")
+    """What sample/export need to know about this run: the method, its sampler and the options the sampler's table
+    entry says a run records (solver grid size, MCD's edges)."""
     return RunInfo(
         method=cfg.method.name,
         sampler=module.sampler_kind,
         sample_steps=module.default_sample_steps(),
-        num_solver_steps=int(module.grid.numel()),
-        edges=None if edges is None else edges.tolist(),
+        options=get_sampler(module.sampler_kind).recorded(module.sampler_options()),
         lora=OmegaConf.to_container(cfg.lora, resolve=True),
         model=str(cfg.model.pretrained),
     )

@@ -34,7 +34,8 @@ def trained_run(tiny_sd_path, tmp_path):
         folder = tmp_path / "run" / "lora"
         save_lora_diffusers(components.unet, folder)
         method = {"multistep": "cd", "edge_jumps": "mcd"}[sampler]
-        RunInfo(method, sampler, 4, 50, edges, LORA, str(tiny_sd_path)).write(folder)
+        options = {"num_solver_steps": 50} if edges is None else {"num_solver_steps": 50, "edges": edges}
+        RunInfo(method, sampler, 4, options, LORA, str(tiny_sd_path)).write(folder)
         return tmp_path / "run"
 
     return make

@@ -122,7 +122,8 @@ def test_each_method_trains_end_to_end_on_cpu(method, run_dirs, monkeypatch):
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["state_dict"] and all("lora" in k for k in checkpoint["state_dict"])  # no frozen weights
     if method == "mcd":
-        assert summary["edges"] == [0, 259, 519, 779] and summary["sample_steps"] == 4
+        assert summary["options"] == {"num_solver_steps": 50, "edges": [0, 259, 519, 779]}
+        assert summary["sampler"] == "edge_jumps" and summary["sample_steps"] == 4
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -204,7 +205,7 @@ def test_checkpoint_and_exported_lora_load_the_same_weights(run_dirs, tmp_path):
         components = load_components(cfg.model.pretrained)
         info = apply_trained_lora(components.unet, source)
         loaded[name] = lora_state_dict(components.unet)
-    assert info.method == "mcd" and info.edges == [0, 259, 519, 779]
+    assert info.method == "mcd" and info.options["edges"] == [0, 259, 519, 779]
     assert loaded["ckpt"].keys() == loaded["lora"].keys()
     assert all(torch.equal(loaded["ckpt"][k], loaded["lora"][k]) for k in loaded["lora"])
     assert any(v.abs().max() > 0 for k, v in loaded["lora"].items() if "lora_B" in k)  # trained, not the zero init

@@ -213,8 +213,8 @@ class ConsistencyModule(L.LightningModule):
 
     # ------------------------------------------------------------------ sampling
     def sampler_options(self) -> dict:
-        """Extra arguments of this method's sampler (MCD: its edges)."""
-        return {"num_solver_steps": self.grid.numel()}
+        """Options of this method's sampler (the sampler table's names): the solver grid size; MCD adds its edges."""
+        return {"num_solver_steps": int(self.grid.numel())}
 
     def default_sample_steps(self) -> int:
         return self.hparams.sample_steps

@@ -34,7 +34,7 @@ class MultiBoundaryConsistencyDistillation(TeacherStep, ConsistencyModule):
         return edge_jump_consistency(pred, boundary, self.schedule)
 
     def sampler_options(self) -> dict:
-        return {"edges": self.edges}
+        return {**super().sampler_options(), "edges": self.edges}
 
     def default_sample_steps(self) -> int:
         return int((self.edges > 0).sum()) + 1  # one network call per segment

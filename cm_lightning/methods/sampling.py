@@ -1,22 +1,17 @@
-"""The samplers of each method, over a diffusers UNet: what ``sample``, ``compare`` and validation call.
-
-``kind`` names the sampler, not the method: ``ddim`` (the teacher), ``multistep`` (CT and CD, LCM-style
-re-noising) and ``edge_jumps`` (MCD, deterministic, one network call per segment).
+"""Running a sampler of the table (``sampler_table.py``) over a diffusers UNet: what ``sample``, ``compare``,
+``evaluate``, the training callbacks and the methods' ``sample_latents`` call.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from ..diffusion.denoiser import Denoiser
-from ..diffusion.grid import ddim_timesteps, edge_jump_timesteps, lcm_timesteps, solver_grid
-from ..diffusion.samplers import Conditioning, sample_ddim, sample_edge_jumps, sample_multistep
+from ..diffusion.samplers import Conditioning
 from ..diffusion.schedule import NoiseSchedule
-from ..errors import UserError
+from .sampler_table import get_sampler
 
-SamplerKind = Literal["ddim", "multistep", "edge_jumps"]
+SamplerKind = str  # a name in the sampler table: "ddim", "multistep", "edge_jumps", or one registered later
 
 
 def unet_network(unet):
@@ -28,33 +23,9 @@ def unet_network(unet):
     return lambda x, t, context: unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
 
 
-def sampling_timesteps(
-    kind: SamplerKind,
-    steps: int,
-    schedule: NoiseSchedule,
-    *,
-    num_solver_steps: int = 50,
-    edges: torch.Tensor | None = None,
-    timestep_spacing: str = "leading",
-    steps_offset: int = 1,
-) -> torch.Tensor:
-    """The descending timesteps ``kind`` visits in ``steps`` network calls."""
-    total = schedule.num_train_timesteps
-    if kind == "ddim":
-        return ddim_timesteps(total, steps, spacing=timestep_spacing, steps_offset=steps_offset)
-    if kind == "multistep":
-        return lcm_timesteps(solver_grid(total, num_solver_steps), steps)
-    if kind == "edge_jumps":
-        if edges is None:
-            raise ValueError("edge_jumps needs the segment edges")
-        timesteps = edge_jump_timesteps(edges, total)
-        if steps != len(timesteps):
-            raise UserError(
-                f"steps={steps}: an MCD model with {len(edges)} segments samples in exactly {len(timesteps)} steps "
-                f"(one jump per segment, timesteps {timesteps.tolist()}); pass steps={len(timesteps)}"
-            )
-        return timesteps
-    raise UserError(f"sampler {kind!r} is not one of 'ddim', 'multistep', 'edge_jumps'")
+def sampling_timesteps(kind: SamplerKind, steps: int, schedule: NoiseSchedule, **options) -> torch.Tensor:
+    """The descending timesteps sampler ``kind`` visits in ``steps`` network calls (options: see the table)."""
+    return get_sampler(kind).timesteps(steps, schedule.num_train_timesteps, options)
 
 
 @torch.no_grad()
@@ -67,19 +38,11 @@ def generate_latents(
     *,
     steps: int,
     generator: torch.Generator | None = None,
-    num_solver_steps: int = 50,
-    edges: torch.Tensor | None = None,
-    timestep_spacing: str = "leading",
-    steps_offset: int = 1,
+    **options,
 ) -> torch.Tensor:
-    """Run sampler ``kind`` from ``noise`` [B, C, h, w] for ``steps`` calls; returns the final latents (scaled)."""
-    timesteps = sampling_timesteps(
-        kind, steps, schedule, num_solver_steps=num_solver_steps, edges=edges,
-        timestep_spacing=timestep_spacing, steps_offset=steps_offset,
-    )
-    denoiser = Denoiser(unet_network(unet), schedule)
-    if kind == "ddim":
-        return sample_ddim(denoiser, noise, timesteps, cond)
-    if kind == "multistep":
-        return sample_multistep(denoiser, noise, timesteps, cond, generator=generator)
-    return sample_edge_jumps(denoiser, noise, timesteps, cond)
+    """Run sampler ``kind`` from ``noise`` [B, C, h, w] for ``steps`` calls; returns the final latents (scaled).
+
+    ``options``: what the sampler reads (``num_solver_steps``, ``edges``, ``timestep_spacing``, ``steps_offset``)."""
+    sampler = get_sampler(kind)
+    timesteps = sampler.timesteps(steps, schedule.num_train_timesteps, options)
+    return sampler.run(Denoiser(unet_network(unet), schedule), noise, timesteps, cond, generator)
