@@ -1,12 +1,23 @@
-"""Shared fixtures: the tiny SD1.5-layout model that stands in for the real one in tests."""
+"""Shared fixtures (the only place for them: no test module imports another): the real configs' folder, the tiny
+SD1.5-layout model that stands in for the real one, toy frozen encoders, the shipped shapes judge."""
 
+import hashlib
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cm_lightning.models.components import SDComponents, load_components
 from cm_lightning.models.tiny import ensure_tiny_sd
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture(scope="session")
+def conf_dir() -> Path:
+    """The configs users run (``conf/``): tests compose these, overridden to run fast on a CPU."""
+    return CONF
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +48,44 @@ def judge():
     from cm_lightning.shapes.judge import load_judge
 
     return load_judge()
+
+
+class FakeEncoders:
+    """The FrozenEncoders interface at toy size: a fixed random strided conv as the VAE, a hash-seeded
+    embedding per prompt as the text encoder. Counts calls; can fail on the Nth image batch."""
+
+    scaling_factor = 0.5
+    vae_scale = 4
+
+    def __init__(self, dim: int = 8, tag: str = "fake-v1", fail_on_call: int | None = None):
+        self.dim, self.tag, self.fail_on_call = dim, tag, fail_on_call
+        self.device = torch.device("cpu")
+        g = torch.Generator().manual_seed(0)
+        self.weight = torch.randn(8, 3, self.vae_scale, self.vae_scale, generator=g)
+        self.image_calls = self.prompt_calls = 0
+
+    def encode_images(self, pixels):
+        self.image_calls += 1
+        if self.image_calls == self.fail_on_call:
+            raise RuntimeError("simulated crash while encoding")
+        mean, log_std = F.conv2d(pixels, self.weight * 0.1, stride=self.vae_scale).chunk(2, dim=1)
+        return mean * self.scaling_factor, 0.05 + log_std.sigmoid() * self.scaling_factor
+
+    def encode_prompts(self, prompts):
+        self.prompt_calls += 1
+        seeds = [int(hashlib.sha256(p.encode()).hexdigest()[:12], 16) for p in prompts]
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return torch.stack([torch.randn(77, self.dim, generator=g) for g in gens])
+
+    def identity(self):
+        return {"name": "fake", "tag": self.tag, "dim": self.dim}
+
+    @property
+    def calls(self):
+        return self.image_calls + self.prompt_calls
+
+
+@pytest.fixture
+def fake_encoders():
+    """The :class:`FakeEncoders` class: call it (with its options) for a fresh instance."""
+    return FakeEncoders

@@ -7,18 +7,23 @@ import torch
 from cm_lightning.data.datamodule import LatentDataModule
 from cm_lightning.shapes.world import ShapesSource
 from cm_lightning.errors import UserError
-from .test_cache import FakeEncoders
 
 
-def make_dm(root, n=10, encoders=True, **kw):
-    dm = LatentDataModule(ShapesSource(n, image_size=16), cache_root=str(root), resolution=16,
-                          progress=False, **{"batch_size": 4, **kw})
-    if encoders:
-        dm.attach_encoders(FakeEncoders())
-    return dm
+@pytest.fixture
+def make_dm(fake_encoders):
+    """``make_dm(root, n=10, encoders=True, **datamodule options)``: a shapes datamodule with toy encoders."""
+
+    def make(root, n=10, encoders=True, **kw):
+        dm = LatentDataModule(ShapesSource(n, image_size=16), cache_root=str(root), resolution=16,
+                              progress=False, **{"batch_size": 4, **kw})
+        if encoders:
+            dm.attach_encoders(fake_encoders())
+        return dm
+
+    return make
 
 
-def test_missing_encoders_and_cache_is_a_user_error(tmp_path):
+def test_missing_encoders_and_cache_is_a_user_error(tmp_path, make_dm):
     dm = make_dm(tmp_path, encoders=False)
     with pytest.raises(UserError, match="attach"):
         dm.prepare_data()
@@ -26,7 +31,7 @@ def test_missing_encoders_and_cache_is_a_user_error(tmp_path):
         dm.setup("fit")
 
 
-def test_batches_have_the_right_shapes_and_cover_the_epoch(tmp_path):
+def test_batches_have_the_right_shapes_and_cover_the_epoch(tmp_path, make_dm):
     dm = make_dm(tmp_path)
     assert dm.null_text_embed is None
     dm.prepare_data()
@@ -52,7 +57,7 @@ def test_batches_have_the_right_shapes_and_cover_the_epoch(tmp_path):
     assert [len(b["index"]) for b in small.train_dataloader()] == [10]
 
 
-def test_shuffle_is_seeded(tmp_path):
+def test_shuffle_is_seeded(tmp_path, make_dm):
     def order(seed):
         dm = make_dm(tmp_path, n=12, seed=seed)
         dm.setup("fit")
@@ -64,7 +69,7 @@ def test_shuffle_is_seeded(tmp_path):
     assert order(1) != first
 
 
-def test_latents_are_fresh_samples_around_the_stored_mean(tmp_path):
+def test_latents_are_fresh_samples_around_the_stored_mean(tmp_path, make_dm):
     dm = make_dm(tmp_path)
     dm.setup("fit")
     dataset = dm.train_dataloader().dataset
@@ -75,7 +80,7 @@ def test_latents_are_fresh_samples_around_the_stored_mean(tmp_path):
     assert (draws.std(0) - std).abs().max() < 0.05
 
 
-def test_fit_with_workers(tmp_path):
+def test_fit_with_workers(tmp_path, make_dm):
     class Probe(L.LightningModule):
         def __init__(self):
             super().__init__()

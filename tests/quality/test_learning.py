@@ -13,19 +13,17 @@ from cm_lightning.cli import asset_path
 from cm_lightning.shapes.table import PromptSet, Row, evaluate_rows
 from cm_lightning.train import train
 
-from .test_train import CONF
-
 MARGIN = 0.85  # MCD-4's teacher gap must be below 85 % of the teacher's own DDIM-4 gap
 
 
-def test_short_mcd_distillation_beats_the_teachers_own_four_steps(tmp_path):
+def test_short_mcd_distillation_beats_the_teachers_own_four_steps(tmp_path, conf_dir):
     overrides = [
         "experiment=demo", "trainer.max_steps=150", "trainer.max_time=null", "batch_size=16",
         "optimizer.lr=5e-4",  # a third of the demo's steps, at a higher lr than its 2e-4
         "data.datamodule.source.num_images=256", "data.datamodule.progress=false", "logger=none",
         f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'run'}",
     ]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     train(cfg)
     guidance = cfg.teacher_guidance.min

@@ -1,52 +1,15 @@
 """The latent cache: reuse without encoding, new folder on a new key, resume after a crash, bad items."""
 
-import hashlib
 import json
 import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cm_lightning.data.cache import LatentCache
 from cm_lightning.shapes.world import ShapesSource
 from cm_lightning.data.sources import BadSample, SkipReport
 from cm_lightning.errors import UserError
-
-
-class FakeEncoders:
-    """The FrozenEncoders interface at toy size: a fixed random strided conv as the VAE, a hash-seeded
-    embedding per prompt as the text encoder. Counts calls; can fail on the Nth image batch."""
-
-    scaling_factor = 0.5
-    vae_scale = 4
-
-    def __init__(self, dim: int = 8, tag: str = "fake-v1", fail_on_call: int | None = None):
-        self.dim, self.tag, self.fail_on_call = dim, tag, fail_on_call
-        self.device = torch.device("cpu")
-        g = torch.Generator().manual_seed(0)
-        self.weight = torch.randn(8, 3, self.vae_scale, self.vae_scale, generator=g)
-        self.image_calls = self.prompt_calls = 0
-
-    def encode_images(self, pixels):
-        self.image_calls += 1
-        if self.image_calls == self.fail_on_call:
-            raise RuntimeError("simulated crash while encoding")
-        mean, log_std = F.conv2d(pixels, self.weight * 0.1, stride=self.vae_scale).chunk(2, dim=1)
-        return mean * self.scaling_factor, 0.05 + log_std.sigmoid() * self.scaling_factor
-
-    def encode_prompts(self, prompts):
-        self.prompt_calls += 1
-        seeds = [int(hashlib.sha256(p.encode()).hexdigest()[:12], 16) for p in prompts]
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        return torch.stack([torch.randn(77, self.dim, generator=g) for g in gens])
-
-    def identity(self):
-        return {"name": "fake", "tag": self.tag, "dim": self.dim}
-
-    @property
-    def calls(self):
-        return self.image_calls + self.prompt_calls
 
 
 class FlakySource:
@@ -78,8 +41,8 @@ def make_cache(root, source=None, encoders=None, resolution=16, **kw):
                        encoders=encoders, **kw)
 
 
-def test_build_loads_everything_then_reuses_without_encoding(tmp_path):
-    enc = FakeEncoders()
+def test_build_loads_everything_then_reuses_without_encoding(tmp_path, fake_encoders):
+    enc = fake_encoders()
     source = ShapesSource(20, image_size=16)
     cache = make_cache(tmp_path, source, enc)
     summary = cache.build()
@@ -96,7 +59,7 @@ def test_build_loads_everything_then_reuses_without_encoding(tmp_path):
     torch.testing.assert_close(data.text_embeds[3], enc.encode_prompts([data.captions[3]])[0].half())
 
     stamps = {f.name: f.stat().st_mtime_ns for f in cache.path.iterdir()}
-    again = FakeEncoders()
+    again = fake_encoders()
     assert make_cache(tmp_path, ShapesSource(20, image_size=16), again).build() == summary
     assert make_cache(tmp_path, ShapesSource(20, image_size=16), again).load().captions == data.captions
     assert again.calls == 0
@@ -106,16 +69,16 @@ def test_build_loads_everything_then_reuses_without_encoding(tmp_path):
                                data.latent_mean)
 
 
-def test_changed_key_builds_a_new_folder(tmp_path):
-    first = make_cache(tmp_path, encoders=FakeEncoders())
+def test_changed_key_builds_a_new_folder(tmp_path, fake_encoders):
+    first = make_cache(tmp_path, encoders=fake_encoders())
     first.build()
-    for cache in (make_cache(tmp_path, encoders=FakeEncoders(), resolution=32),
-                  make_cache(tmp_path, encoders=FakeEncoders(tag="fake-v2")),
-                  make_cache(tmp_path, ShapesSource(20, image_size=16, seed=1), FakeEncoders())):
+    for cache in (make_cache(tmp_path, encoders=fake_encoders(), resolution=32),
+                  make_cache(tmp_path, encoders=fake_encoders(tag="fake-v2")),
+                  make_cache(tmp_path, ShapesSource(20, image_size=16, seed=1), fake_encoders())):
         assert not cache.is_complete() and cache.path != first.path
         cache.build()
         assert cache.encoders.image_calls > 0 and cache.is_complete()
-    assert make_cache(tmp_path, encoders=FakeEncoders(), resolution=32).load().latent_mean.shape[-1] == 8
+    assert make_cache(tmp_path, encoders=fake_encoders(), resolution=32).load().latent_mean.shape[-1] == 8
     # Two complete caches differ only by encoders: opening without encoders must not guess.
     with pytest.raises(UserError, match="attach the encoders"):
         make_cache(tmp_path).load()
@@ -126,11 +89,11 @@ def test_missing_cache_without_encoders_is_a_user_error(tmp_path):
         make_cache(tmp_path).build()
 
 
-def test_interrupted_build_resumes_to_identical_contents(tmp_path):
-    reference = make_cache(tmp_path / "a", encoders=FakeEncoders())
+def test_interrupted_build_resumes_to_identical_contents(tmp_path, fake_encoders):
+    reference = make_cache(tmp_path / "a", encoders=fake_encoders())
     reference.build()
 
-    crashing = make_cache(tmp_path / "b", encoders=FakeEncoders(fail_on_call=3))  # dies in shard 1
+    crashing = make_cache(tmp_path / "b", encoders=fake_encoders(fail_on_call=3))  # dies in shard 1
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashing.build()
     assert not (crashing.path / "COMPLETE").exists() and not crashing.is_complete()
@@ -138,20 +101,20 @@ def test_interrupted_build_resumes_to_identical_contents(tmp_path):
     with pytest.raises(UserError, match="not complete"):
         crashing.load()
 
-    resumed = FakeEncoders()
+    resumed = fake_encoders()
     make_cache(tmp_path / "b", encoders=resumed).build()
     assert resumed.image_calls == 3  # shard 0 reused; shards 1 (2 batches) and 2 (1 batch) built
-    a, b = reference.load(), make_cache(tmp_path / "b", encoders=FakeEncoders()).load()
+    a, b = reference.load(), make_cache(tmp_path / "b", encoders=fake_encoders()).load()
     for name in ("latent_mean", "latent_std", "text_embeds", "null_text_embed", "indices"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert a.captions == b.captions and a.keys == b.keys
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
-def test_bad_items_are_skipped_counted_and_named(tmp_path, caplog, num_workers):
+def test_bad_items_are_skipped_counted_and_named(tmp_path, caplog, num_workers, fake_encoders):
     failures = {3: BadSample("images/000003.jpg", "truncated image"), 11: ValueError("boom")}
     source = FlakySource(40, failures, index_drops=1)
-    cache = make_cache(tmp_path, source, FakeEncoders(), max_bad_fraction=0.1, num_workers=num_workers)
+    cache = make_cache(tmp_path, source, fake_encoders(), max_bad_fraction=0.1, num_workers=num_workers)
     with caplog.at_level(logging.INFO, logger="cm_lightning.data.cache"):
         summary = cache.build()
     assert summary.startswith("cache: 38 of 41 pairs encoded; skipped 3 (")
@@ -163,17 +126,17 @@ def test_bad_items_are_skipped_counted_and_named(tmp_path, caplog, num_workers):
     assert data.keys[3] == "shapes/train/4"
 
 
-def test_too_many_bad_items_raise_naming_them_and_leave_no_complete(tmp_path):
+def test_too_many_bad_items_raise_naming_them_and_leave_no_complete(tmp_path, fake_encoders):
     failures = {i: BadSample(f"images/{i:06d}.jpg", "missing file") for i in (1, 5, 9)}
-    cache = make_cache(tmp_path, FlakySource(12, failures), FakeEncoders())
+    cache = make_cache(tmp_path, FlakySource(12, failures), fake_encoders())
     with pytest.raises(UserError, match=r"3 of 12 pairs .*images/000001.jpg, images/000005.jpg") as error:
         cache.build()
     assert "\n" not in str(error.value) and "max_bad_fraction" in str(error.value)
     assert not (cache.path / "COMPLETE").exists()
 
 
-def test_too_many_index_drops_fail_before_encoding(tmp_path):
-    enc = FakeEncoders()
+def test_too_many_index_drops_fail_before_encoding(tmp_path, fake_encoders):
+    enc = fake_encoders()
     with pytest.raises(UserError, match="images/000000.jpg"):
         make_cache(tmp_path, FlakySource(10, {}, index_drops=5), enc).build()
     assert enc.calls == 0

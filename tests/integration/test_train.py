@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from cm_lightning.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 
 

@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "cm_lightning"
+PACKAGE = Path(__file__).resolve().parents[2] / "cm_lightning"
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def module_name(path: Path) -> str:
@@ -85,3 +86,17 @@ def test_every_core_module_imports_with_the_shapes_world_blocked():
                           cwd=PACKAGE.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == f"blocked {len(modules)}"  # the blocker was live while they imported
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers and fixtures live in conftest.py only."""
+    offenders = {}
+    for path in sorted(TESTS.rglob("test_*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        bad = [node.module or "." for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               and (node.level > 0 or (node.module or "").split(".")[0] == "tests")]
+        bad += [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names
+                if a.name.split(".")[0] == "tests"]
+        if bad:
+            offenders[path.relative_to(TESTS).as_posix()] = bad
+    assert not offenders

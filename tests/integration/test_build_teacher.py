@@ -12,8 +12,6 @@ from cm_lightning.shapes.build_teacher import build_teacher
 from cm_lightning.errors import UserError
 from cm_lightning.models.components import load_components
 
-from .test_train import CONF
-
 UNET = ('unet_overrides=["experiment=shapes_teacher","trainer=cpu","trainer.max_steps=2","batch_size=4",'
         '"data.datamodule.source.num_images=16","data.datamodule.num_workers=0","data.datamodule.progress=false",'
         '"logger=none","callbacks=none"]')
@@ -22,13 +20,19 @@ TOY = ["architecture.unet_channels=[32,32,32]", "architecture.norm_num_groups=8"
        "vae.num_workers=0", "text.steps=3", "text.batch_size=8", "text.num_captions=32", "device=cpu", UNET]
 
 
-def run_build(*overrides):
-    """build_teacher composes the UNet's training config itself, so Hydra stays initialised around it."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return build_teacher(compose("build_teacher", overrides=list(overrides)))
+@pytest.fixture
+def run_build(conf_dir):
+    """``run_build(*overrides)``: build_teacher composes the UNet's training config itself, so Hydra stays
+    initialised around it."""
+
+    def run(*overrides):
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            return build_teacher(compose("build_teacher", overrides=list(overrides)))
+
+    return run
 
 
-def test_build_then_continue(tmp_path):
+def test_build_then_continue(tmp_path, run_build):
     first = run_build(*TOY, f"out={tmp_path / 'teacher'}", f"paths.cache_dir={tmp_path / 'c'}",
                                         f"paths.output_dir={tmp_path}")
     parts = load_components(str(first))
@@ -48,7 +52,7 @@ def test_build_then_continue(tmp_path):
     assert second_record["continue_from"] == str(first) and second_record["previous"] == record
 
 
-def test_reuse_vae_from_another_teacher(tmp_path):
+def test_reuse_vae_from_another_teacher(tmp_path, run_build):
     first = run_build(*TOY, "text.steps=0", f"out={tmp_path / 'a'}", f"paths.cache_dir={tmp_path / 'c'}",
                       f"paths.output_dir={tmp_path}")
     second = run_build(*TOY, f"reuse_vae_from={first}", f"out={tmp_path / 'b'}", f"paths.cache_dir={tmp_path / 'c'}",
@@ -61,7 +65,7 @@ def test_reuse_vae_from_another_teacher(tmp_path):
     assert json.loads((second / "build_record.json").read_text())["vae"]["reused_from"] == str(first)
 
 
-def test_reuse_vae_from_a_folder_without_vae_is_one_line(tmp_path):
+def test_reuse_vae_from_a_folder_without_vae_is_one_line(tmp_path, run_build):
     with pytest.raises(UserError, match=r"reuse_vae_from=.*no vae/config.json"):
         run_build(*TOY, f"reuse_vae_from={tmp_path}", f"out={tmp_path / 'a'}", f"paths.cache_dir={tmp_path / 'c'}",
                   f"paths.output_dir={tmp_path}")

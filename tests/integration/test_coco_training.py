@@ -9,7 +9,6 @@ from cm_lightning.data.synthetic import write_coco_folder
 from cm_lightning.models.encoders import FrozenEncoders
 from cm_lightning.train import train
 
-from .test_train import CONF
 
 
 def coco_overrides(root, cache, out):
@@ -21,10 +20,10 @@ def coco_overrides(root, cache, out):
     ]
 
 
-def test_coco_folder_trains_and_the_second_run_reuses_the_cache(tmp_path, monkeypatch):
+def test_coco_folder_trains_and_the_second_run_reuses_the_cache(tmp_path, monkeypatch, conf_dir):
     root = write_coco_folder(tmp_path / "coco", 16, image_size=(48, 40), captions_per_image=2)
     cache = tmp_path / "cache"
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         first = compose("train", overrides=coco_overrides(root, cache, tmp_path / "run1"))
         second = compose("train", overrides=coco_overrides(root, cache, tmp_path / "run2"))
     train(first)
@@ -41,10 +40,10 @@ def test_coco_folder_trains_and_the_second_run_reuses_the_cache(tmp_path, monkey
     assert list((cache / "latents").iterdir()) == caches
 
 
-def test_a_changed_selection_builds_a_new_cache(tmp_path):
+def test_a_changed_selection_builds_a_new_cache(tmp_path, conf_dir):
     root = write_coco_folder(tmp_path / "coco", 16, image_size=(48, 40))
     cache = tmp_path / "cache"
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         a = compose("train", overrides=coco_overrides(root, cache, tmp_path / "a") + ["trainer.max_steps=1"])
         b = compose("train", overrides=coco_overrides(root, cache, tmp_path / "b")
                     + ["trainer.max_steps=1", "data.datamodule.source.seed=1"])
@@ -53,8 +52,8 @@ def test_a_changed_selection_builds_a_new_cache(tmp_path):
     assert len(list((cache / "latents").iterdir())) == 2
 
 
-def test_missing_coco_root_is_one_clear_line(tmp_path):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+def test_missing_coco_root_is_one_clear_line(tmp_path, conf_dir):
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         cfg = compose("train", overrides=coco_overrides(tmp_path / "nowhere", tmp_path / "c", tmp_path / "o"))
     from cm_lightning.errors import UserError
 
@@ -62,12 +61,12 @@ def test_missing_coco_root_is_one_clear_line(tmp_path):
         train(cfg)
 
 
-def test_prepare_builds_the_cache_that_training_then_reuses(tmp_path, monkeypatch):
+def test_prepare_builds_the_cache_that_training_then_reuses(tmp_path, monkeypatch, conf_dir):
     from cm_lightning.prepare import prepare
 
     root = write_coco_folder(tmp_path / "coco", 12, image_size=(48, 40))
     cache = tmp_path / "cache"
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         cfg = compose("train", overrides=coco_overrides(root, cache, tmp_path / "run"))
     report = prepare(cfg)
     assert "12 of 12 pairs encoded" in report

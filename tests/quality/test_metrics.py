@@ -8,7 +8,6 @@ import torch
 from cm_lightning.shapes.world import POSITIONS, SceneSpec, caption_of, scene_at
 from cm_lightning.errors import UserError
 from cm_lightning.shapes.judge import render_images
-from cm_lightning.eval.metrics import clip_score, teacher_gap
 from cm_lightning.shapes.metrics import fidelity_breakdown, frechet_distance, prompt_fidelity
 
 N = 300
@@ -103,19 +102,3 @@ def test_frechet_distance_needs_two_images(judge, real):
     images = real[0]
     with pytest.raises(UserError, match="at least 2"):
         frechet_distance(judge, images[:1], images)
-
-
-def test_teacher_gap_is_rmse():
-    a = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    assert teacher_gap(a, a) == 0.0
-    assert teacher_gap(a + 0.25, a) == pytest.approx(0.25, rel=1e-6)
-    b = a.clone()
-    b[0] = -b[0]  # one image of five changed: RMSE = sqrt(mean over that image of (2a)^2 / 5)
-    assert teacher_gap(a, b) == pytest.approx(float((2 * a[0]).square().mean().div(5).sqrt()), rel=1e-6)
-    with pytest.raises(UserError, match="same shape"):
-        teacher_gap(a, a[:4])
-
-
-def test_clip_score_without_weights_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="not found"):
-        clip_score(torch.zeros(1, 3, 64, 64), ["a small red circle"], str(tmp_path / "no_clip_here"))
