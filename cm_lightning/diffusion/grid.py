@@ -9,6 +9,8 @@ from typing import Literal
 
 import torch
 
+from .schedule import ve_sigmas
+
 EdgeRule = Literal["icd", "pcm"]
 
 
@@ -136,8 +138,7 @@ def lognormal_step_weights(
     In VE terms sigma_t = s_t / a_t; p(i) is proportional to the lognormal mass between sigma(t_lo) and sigma(t_hi):
     ``erf((log sigma_hi - P_mean) / (sqrt(2) P_std)) - erf((log sigma_lo - P_mean) / (sqrt(2) P_std))``.
     """
-    abar = schedule_alphas_cumprod.double()
-    sigma = ((1 - abar) / abar).sqrt()
+    sigma = ve_sigmas(schedule_alphas_cumprod.double())
     skip = int(grid[0]) + 1
     t_lo = (grid - skip).clamp(min=0)
     # the first pair ends at t = 0, SD's lowest level (sigma 0.029): the mass below it is dropped, as iCT's sigma_min does

@@ -40,6 +40,14 @@ def guided(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: torch.Tenso
     return uncond + guidance_scale * (cond - uncond)
 
 
+def drop_captions(context: torch.Tensor, null_context: torch.Tensor, probability: float) -> torch.Tensor:
+    """Caption dropout, the training side of classifier-free guidance: each sample's context [B, L, D] is replaced by
+    the empty prompt's ``null_context`` ([L, D]) with ``probability``, so the model also learns the unconditional
+    branch that guidance needs. One ``torch.rand(B)`` draw on the context's device."""
+    drop = torch.rand(context.shape[0], device=context.device) < probability
+    return torch.where(drop.view(-1, 1, 1), null_context.to(context.dtype).expand_as(context), context)
+
+
 def ddim_jump(pred: Prediction, to_t: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     """DDIM from (x0_hat, eps_hat) to timestep ``to_t``: ``a_s * x0_hat + s_s * eps_hat`` (identity at s = t)."""
     a, s = schedule.alpha_sigma(to_t, pred.x0.ndim)

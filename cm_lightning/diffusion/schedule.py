@@ -16,6 +16,12 @@ import torch
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 
 
+def ve_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma_t = s_t / a_t = sqrt((1 - abar_t) / abar_t) for every timestep: the variance-exploding noise level of
+    x_t / a_t, in which iCT writes its lognormal pair choice and its 1 / (sigma_hi - sigma_lo) weighting."""
+    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """abar_t for t = 0..T-1 (float32, as diffusers keeps it) and what the network predicts."""
@@ -49,6 +55,10 @@ class NoiseSchedule:
         abar = self.alphas_cumprod.to(t.device)[t.long()]
         shape = (-1,) + (1,) * (ndim - 1)
         return abar.sqrt().view(shape), (1 - abar).sqrt().view(shape)
+
+    def ve_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """The VE (EDM / iCT) noise level sigma_t = s_t / a_t at integer timesteps t [B] (see :func:`ve_sigmas`)."""
+        return ve_sigmas(self.alphas_cumprod.to(t.device))[t.long()]
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio a_t^2 / s_t^2 at integer timesteps t [B] (float32)."""

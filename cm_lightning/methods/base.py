@@ -1,6 +1,6 @@
 """The training loop CT, CD and MCD share; each method fills in only where its maths differs.
 
-One training step (algorithms.md): draw a solver pair t_hi > t_lo and noise, make x_hi from the data,
+One training step (docs/algorithms.md): draw a solver pair t_hi > t_lo and noise, make x_hi from the data,
 make x_lo one solver step earlier (:meth:`previous_point`: the teacher's guided DDIM step, or CT's oracle),
 and pull the student's consistency output at x_hi towards the stop-gradient target at x_lo. The consistency
 function (:meth:`consistency`) and the boundary a pair maps to (:meth:`boundary`) are the other two seams.
@@ -9,10 +9,8 @@ function (:meth:`consistency`) and the boundary a pair maps to (:meth:`boundary`
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any, Callable, Iterator
 
-import lightning as L
 import torch
 
 from ..diffusion.denoiser import Denoiser
@@ -23,6 +21,7 @@ from ..diffusion.samplers import Conditioning
 from ..diffusion.schedule import NoiseSchedule
 from ..models.lora import adapters_disabled, add_lora, cast_for_training
 from .ema import EmaWeights
+from .latent_module import LatentTrainingModule
 from .sampling import SamplerKind, generate_latents, unet_network
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
@@ -30,7 +29,7 @@ OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 _HALF_DTYPES = {"16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ConsistencyModule(L.LightningModule):
+class ConsistencyModule(LatentTrainingModule):
     """Base LightningModule: a LoRA student on a frozen UNet, trained towards its own stop-gradient target.
 
     Args:
@@ -98,9 +97,6 @@ class ConsistencyModule(L.LightningModule):
         return torch.zeros_like(t_lo)
 
     # ------------------------------------------------------------------ shared pieces
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
     def student(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> Prediction:
         return Denoiser(unet_network(self.unet), self.schedule)(x_t, t, context)
 
@@ -144,18 +140,14 @@ class ConsistencyModule(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and getattr(datamodule, "null_text_embed", None) is not None:
-            self.null_context = datamodule.null_text_embed
+        super().setup(stage)  # the empty prompt's embedding
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         half = _HALF_DTYPES.get(precision.split("-")[0])
         if half is not None:  # frozen weights in the run's half dtype; LoRA stays float32 for the optimizer
             cast_for_training(self.unet, half)
 
     def on_fit_start(self) -> None:
-        self.schedule = replace(self.schedule, alphas_cumprod=self.schedule.alphas_cumprod.to(self.device))
-        if self.null_context is not None:
-            self.null_context = self.null_context.to(self.device, torch.float32)
+        super().on_fit_start()  # schedule and empty prompt to the device
         if self.ema is not None:
             self.ema.shadow = [s.to(self.device) for s in self.ema.shadow]
 
@@ -192,13 +184,6 @@ class ConsistencyModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
             self.ema.update()
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.trainable_parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Keep the LoRA weights only: the frozen UNet is reloaded from the model, not stored 860 M times over.

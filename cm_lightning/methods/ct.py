@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion.grid import curriculum_num_steps, lognormal_step_weights, solver_grid
-from ..diffusion.parameterization import Prediction, lcm_consistency
+from ..diffusion.parameterization import Prediction, drop_captions, lcm_consistency
 from .base import ConsistencyModule
 
 
@@ -42,8 +42,7 @@ class ConsistencyTraining(ConsistencyModule):
     def training_context(self, context: torch.Tensor) -> torch.Tensor:
         if not self.training or self.caption_dropout <= 0 or self.null_context is None:
             return context
-        drop = torch.rand(context.shape[0], device=context.device) < self.caption_dropout
-        return torch.where(drop.view(-1, 1, 1), self.null_context.to(context.dtype).expand_as(context), context)
+        return drop_captions(context, self.null_context, self.caption_dropout)
 
     def training_grid(self) -> torch.Tensor:
         if self.curriculum_start is None:
@@ -63,6 +62,4 @@ class ConsistencyTraining(ConsistencyModule):
     def pair_weights(self, t_hi: torch.Tensor, t_lo: torch.Tensor) -> torch.Tensor | None:
         if self.weighting == "none":
             return None
-        abar = self.schedule.alphas_cumprod.to(t_hi.device)
-        sigma = ((1 - abar) / abar).sqrt()
-        return 1.0 / (sigma[t_hi] - sigma[t_lo]).clamp(min=1e-4)
+        return 1.0 / (self.schedule.ve_sigma(t_hi) - self.schedule.ve_sigma(t_lo)).clamp(min=1e-4)

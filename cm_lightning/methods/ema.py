@@ -1,4 +1,5 @@
-"""An exponential moving average of the trainable (LoRA) weights, used as the consistency target when asked."""
+"""Exponential moving averages of weights: the LoRA weights (the consistency target with ``target=ema``) and the
+teacher's whole UNet (what ``method=teacher`` saves)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,27 @@ import torch
 
 
 class EmaWeights:
-    """Shadow copies of ``params``; ``swapped()`` runs a block with the averaged values in place."""
+    """Shadow copies of ``params``; ``swapped()`` runs a block with the averaged values in place.
 
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+    ``shadow``: tensors to average into instead of fresh clones (e.g. the parameters of a frozen copy of the model,
+    which is then saved as it is).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, shadow: list[torch.Tensor] | None = None):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema_decay={decay} must be in [0, 1)")
         self.params = params
         self.decay = decay
-        self.shadow = [p.detach().clone() for p in params]
+        self.shadow = [p.detach().clone() for p in params] if shadow is None else shadow
+        if len(self.shadow) != len(params):
+            raise ValueError(f"EMA shadow has {len(self.shadow)} tensors for {len(params)} parameters")
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
+    def update(self, decay: float | None = None) -> None:
+        """shadow <- decay * shadow + (1 - decay) * param (``decay`` defaults to the configured one), in one foreach
+        kernel per dtype group rather than one lerp per parameter (a small UNet has hundreds)."""
+        decay = self.decay if decay is None else decay
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
 
     @contextmanager
     def swapped(self) -> Iterator[None]:

@@ -80,42 +80,14 @@ class TinySDSpec:
                 )
 
 
-def build_tiny_sd(
-    folder: str | Path,
-    *,
-    image_size: int = 32,
-    seed: int = 0,
-    unet_channels: tuple[int, ...] = (32, 64),
-    layers_per_block: int = 1,
-    attention_head_dim: int = 8,
-    norm_num_groups: int = 8,
-    text_hidden_size: int = 32,
-    text_layers: int = 2,
-    text_heads: int = 4,
-    vae_channels: tuple[int, ...] = (32, 64),
-    prediction_type: str = "epsilon",
-    addition_embed_type: str | None = None,
-    words: tuple[str, ...] = DEFAULT_WORDS,
-) -> Path:
+def build_tiny_sd(folder: str | Path, *, words: tuple[str, ...] = DEFAULT_WORDS, **sizes) -> Path:
     """Write a diffusers-layout SD folder (unet, vae, text_encoder, tokenizer, scheduler, model_index.json).
 
+    ``sizes`` are :class:`TinySDSpec`'s fields (its defaults for any left out); ``words`` become single tokens.
     Weights are random and depend only on ``seed``. The folder is built in a temporary sibling and renamed
     into place, so a build that is interrupted never looks complete. ``folder`` must not exist yet (or be empty).
     """
-    spec = TinySDSpec(
-        image_size=image_size,
-        seed=seed,
-        unet_channels=tuple(unet_channels),
-        layers_per_block=layers_per_block,
-        attention_head_dim=attention_head_dim,
-        norm_num_groups=norm_num_groups,
-        text_hidden_size=text_hidden_size,
-        text_layers=text_layers,
-        text_heads=text_heads,
-        vae_channels=tuple(vae_channels),
-        prediction_type=prediction_type,
-        addition_embed_type=addition_embed_type,
-    )
+    spec = _spec(sizes)
     spec.check()
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
@@ -147,7 +119,7 @@ def ensure_tiny_sd(folder: str | Path, **kwargs) -> Path:
     if not (folder / "model_index.json").is_file():
         return build_tiny_sd(folder, **kwargs)
     words = kwargs.pop("words", DEFAULT_WORDS)
-    wanted = _record(TinySDSpec(**kwargs), words)
+    wanted = _record(_spec(kwargs), words)
     record = folder / BUILD_RECORD
     built = json.loads(record.read_text()) if record.is_file() else None
     if built is not None:  # a record from before a field existed was built with that field's default
@@ -158,6 +130,11 @@ def ensure_tiny_sd(folder: str | Path, **kwargs) -> Path:
             "delete it to rebuild"
         )
     return folder
+
+
+def _spec(sizes: dict) -> TinySDSpec:
+    """The spec from keyword sizes (lists from a config become tuples)."""
+    return TinySDSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items()})
 
 
 def _record(spec: TinySDSpec, words: tuple[str, ...]) -> dict:

@@ -1,7 +1,7 @@
 """Build the shapes world's teacher from scratch: ``python -m cm_lightning.shapes.build_teacher``.
 
 Stages, each optional: 1. the text encoder (a small CLIPTextModel) is trained to state each caption's scene
-(``models/text_training.py``; ``text.steps=0`` keeps its random weights), then frozen for good; 2. the VAE is
+(``shapes/text_training.py``; ``text.steps=0`` keeps its random weights), then frozen for good; 2. the VAE is
 trained on shapes images (or taken from another teacher with ``reuse_vae_from=``); 3. the UNet is trained by
 ``cm_lightning.train`` with ``method=teacher`` (eps-prediction, caption dropout). ``continue_from=`` skips 1-2
 and trains an existing teacher's UNet further.

@@ -8,16 +8,17 @@ diffusion models (it samples markedly better than the raw weights after short tr
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from typing import Callable
 
-import lightning as L
 import torch
 
+from ..diffusion.parameterization import drop_captions
 from ..diffusion.schedule import NoiseSchedule
+from ..methods.ema import EmaWeights
+from ..methods.latent_module import LatentTrainingModule
 
 
-class TeacherTraining(L.LightningModule):
+class TeacherTraining(LatentTrainingModule):
     """Args: unet (all weights trained), schedule, optimizer / lr_scheduler factories (Hydra partials),
     caption_dropout (probability of training on the empty prompt), ema_decay, gradient_checkpointing,
     snr_gamma (None: plain MSE; a number: min-SNR-gamma weighting, 5 in the paper and in diffusers' scripts),
@@ -43,6 +44,7 @@ class TeacherTraining(L.LightningModule):
         self.save_hyperparameters(ignore=["unet", "schedule", "optimizer", "lr_scheduler"])
         self.unet = unet.train().requires_grad_(True)
         self.ema_unet = copy.deepcopy(unet).eval().requires_grad_(False)
+        self.ema = EmaWeights(list(self.unet.parameters()), ema_decay, shadow=list(self.ema_unet.parameters()))
         self.schedule = schedule
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.null_context: torch.Tensor | None = None
@@ -50,16 +52,6 @@ class TeacherTraining(L.LightningModule):
             unet.enable_gradient_checkpointing()
         # kept out of the module tree so that checkpoints hold the UNet's parameters once
         object.__setattr__(self, "_unet_call", torch.compile(unet, mode=compile) if compile else unet)
-
-    def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None and datamodule.null_text_embed is not None:
-            self.null_context = datamodule.null_text_embed
-
-    def on_fit_start(self) -> None:
-        self.schedule = replace(self.schedule, alphas_cumprod=self.schedule.alphas_cumprod.to(self.device))
-        if self.null_context is not None:
-            self.null_context = self.null_context.to(self.device, torch.float32)
 
     @property
     def exported_unet(self) -> torch.nn.Module:
@@ -78,8 +70,7 @@ class TeacherTraining(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0, context = batch["latents"].float(), batch["text_embeds"].float()
         if self.null_context is not None and self.hparams.caption_dropout > 0:
-            drop = torch.rand(x0.shape[0], device=self.device) < self.hparams.caption_dropout
-            context = torch.where(drop.view(-1, 1, 1), self.null_context.expand_as(context), context)
+            context = drop_captions(context, self.null_context, self.hparams.caption_dropout)
         t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), device=self.device)
         noise = torch.randn_like(x0)
         output = self._unet_call(self.schedule.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
@@ -93,13 +84,5 @@ class TeacherTraining(L.LightningModule):
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))  # warm-up
-        # one foreach kernel per dtype group instead of one lerp per parameter (a small UNet has hundreds)
-        torch._foreach_lerp_(list(self.ema_unet.parameters()), [p.detach() for p in self.unet.parameters()],
-                             1 - decay)
+        self.ema.update(decay)
 
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.unet.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}

@@ -1,8 +1,11 @@
 """Training a small AutoencoderKL for the shapes world (the teacher's VAE; SD1.5 ships its own).
 
-Reconstruction L1 + L2 in pixel space (no KL by default: with Adam even a 1e-6 KL weight steadily widens the
-posterior, since Adam rescales its small but consistent gradient); afterwards ``scaling_factor`` is set to 1 / std of the
-latents, as SD's was (0.18215), so diffusion sees unit-variance latents.
+Reconstruction L1 + L2 in pixel space, plus ``kl_weight`` times the KL term. With Adam even a 1e-6 KL weight steadily
+widens the posterior (Adam rescales its small but consistent gradient: build 3 drifted from std 0.007 to 0.40,
+benchmarks/teacher.md), and the decoder learns to render those noisy latents; ``kl_weight=0`` (this function's
+default) keeps the posterior near its start. ``conf/build_teacher.yaml`` says 1e-6, what the shipped VAE was
+trained with. Afterwards ``scaling_factor`` is set to 1 / std of the latents, as SD's was (0.18215), so diffusion
+sees unit-variance latents.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def start_with_small_posterior_std(vae: AutoencoderKL, log_std: float = -5.0) ->
 
     From a random start the posterior std stays near 0.5 through a short training run, and the cache's latent
     samples (mean + std * noise) then carry noise the diffusion model cannot tell from its own: SD's VAE has a
-    near-deterministic posterior, and so must ours. A tiny KL weight barely moves it afterwards.
+    near-deterministic posterior, and so must ours. Without KL it stays there; a KL weight, even 1e-6, widens
+    it over training (module docstring).
     """
     channels = vae.config.latent_channels
     with torch.no_grad():

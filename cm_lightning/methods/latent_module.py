@@ -1,0 +1,33 @@
+"""What every LightningModule trained on the latent cache shares (the consistency methods and the teacher's diffusion
+training): the empty prompt's embedding from the datamodule, the schedule and that embedding on the run's device,
+and the optimizer from the run's factories."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import lightning as L
+import torch
+
+from .optim import lightning_optimizers
+
+
+class LatentTrainingModule(L.LightningModule):
+    """Hooks over attributes a subclass sets in its ``__init__``: ``schedule`` (NoiseSchedule), ``null_context``
+    (None until setup), ``optimizer_factory`` and ``lr_scheduler_factory`` (Hydra partials)."""
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and getattr(datamodule, "null_text_embed", None) is not None:
+            self.null_context = datamodule.null_text_embed
+
+    def on_fit_start(self) -> None:
+        self.schedule = replace(self.schedule, alphas_cumprod=self.schedule.alphas_cumprod.to(self.device))
+        if self.null_context is not None:
+            self.null_context = self.null_context.to(self.device, torch.float32)
+
+    def configure_optimizers(self):
+        return lightning_optimizers(self.trainable_parameters(), self.optimizer_factory, self.lr_scheduler_factory)
