@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
+from cm_lightning.prompts import seed_prompts
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 MODEL_MAX_LENGTH = 77
@@ -29,17 +31,8 @@ top bottom left right center middle upper lower corner
 a an the and at on in of with background one two
 """
 
-# The seed's eight evaluation prompts (shared/docs/prompts.txt).
-EVAL_PROMPTS: tuple[str, ...] = (
-    "A sad puppy with large eyes",
-    "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k",
-    "A photo of beautiful mountain with realistic sunset and blue lake, highly detailed, masterpiece",
-    "A girl with pale blue hair and a cami tank top",
-    "A lighthouse in a giant wave, origami style",
-    "belle epoque, christmas, red house in the forest, photo realistic, 8k",
-    "A small cactus with a happy face in the Sahara desert",
-    "Green commercial building with refrigerator and refrigeration units outside",
-)
+# The seed's eight evaluation prompts: one copy, the package's assets/prompts.txt.
+EVAL_PROMPTS: tuple[str, ...] = tuple(seed_prompts())
 
 
 def pre_tokenize(text: str) -> list[str]:
