@@ -17,10 +17,10 @@ from .diffusion.samplers import Conditioning
 from .diffusion.schedule import NoiseSchedule
 from .errors import UserError
 from .methods.sampler_table import get_sampler
-from .methods.sampling import SamplerKind, generate_latents
+from .methods.sampling import CudaGraphNetwork, SamplerKind, generate_latents, unet_network
 from .models.components import SDComponents
 from .models.encoders import FrozenEncoders
-from .models.lora import ADAPTER, add_lora, load_lora_state_dict
+from .models.lora import ADAPTER, add_lora, load_lora_state_dict, merge_adapter
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,16 @@ class Drawer:
     options: dict = field(default_factory=dict)  # the sampler's options: the run's, and the model's timestep spacing
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    cuda_graphs: bool = True  # on a GPU, replay each UNet call from a captured CUDA graph (launch-bound at batch 1)
+
+    def __post_init__(self) -> None:
+        network = unet_network(self.unet)
+        self.network = CudaGraphNetwork(network) if self.cuda_graphs and self.device.type == "cuda" else network
 
     @classmethod
     def from_components(
         cls, components: SDComponents, sampler: SamplerKind, *, device="cpu", dtype=torch.float32,
-        encoder_dtype=torch.float32, options: dict | None = None,
+        encoder_dtype=torch.float32, options: dict | None = None, cuda_graphs: bool = True,
     ) -> "Drawer":
         config = components.scheduler_config
         unet = components.unet.to(device=device, dtype=dtype).eval()
@@ -117,6 +122,7 @@ class Drawer:
         return cls(
             unet, encoders, NoiseSchedule.from_scheduler_config(config), sampler,
             options={**model_options, **(options or {})}, device=torch.device(device), dtype=dtype,
+            cuda_graphs=cuda_graphs,
         )
 
     def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
@@ -154,7 +160,7 @@ class Drawer:
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 latents = generate_latents(
                     self.unet, self.schedule, self.sampler, x, Conditioning(context, null, guidance_scale),
-                    steps=steps, generator=batch_generator, **self.options,
+                    steps=steps, generator=batch_generator, network=self.network, **self.options,
                 )
             out.append(latents.float().cpu())
         return torch.cat(out)
@@ -174,13 +180,23 @@ class Drawer:
 
 def load_drawer(
     components: SDComponents, run: str | Path | None, *, device="cpu", dtype=torch.float32,
-    encoder_dtype=torch.float32,
+    encoder_dtype=torch.float32, merge_lora: bool = True, cuda_graphs: bool = True,
 ) -> tuple[Drawer, RunInfo | None]:
-    """The teacher (``run`` None: DDIM with adapters absent) or a trained student (its run folder or checkpoint)."""
+    """The teacher (``run`` None: DDIM with adapters absent) or a trained student (its run folder or checkpoint).
+
+    ``merge_lora`` folds the LoRA into the UNet's weights once (in the drawing dtype), so a student call costs
+    what a base UNet call costs; ``cuda_graphs`` replays the UNet calls from CUDA graphs on a GPU.
+    """
     if run is None:
-        return Drawer.from_components(components, "ddim", device=device, dtype=dtype, encoder_dtype=encoder_dtype), None
+        drawer = Drawer.from_components(components, "ddim", device=device, dtype=dtype, encoder_dtype=encoder_dtype,
+                                        cuda_graphs=cuda_graphs)
+        return drawer, None
     info = apply_trained_lora(components.unet, run)
+    if merge_lora:
+        components.unet.to(device=device, dtype=dtype)
+        merge_adapter(components.unet)
     drawer = Drawer.from_components(
         components, info.sampler, device=device, dtype=dtype, encoder_dtype=encoder_dtype, options=info.options,
+        cuda_graphs=cuda_graphs,
     )
     return drawer, info
