@@ -55,7 +55,8 @@ def test_every_config_group_option_composes_and_resolves(group, option, tmp_path
     required = REQUIRED.get(override, [] if group == "data" else ["++data.root=/data/coco"])
     cfg = compose_train(override, *required, f"paths.output_dir={tmp_path}")
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert resolved["method"]["module"]["_target_"].startswith("cm_lightning.methods.")
+    # the consistency methods, or the shapes world's teacher training (method=teacher)
+    assert resolved["method"]["module"]["_target_"].startswith(("cm_lightning.methods.", "cm_lightning.shapes.teacher."))
     assert resolved["batch_size"] >= 1
 
 
@@ -152,7 +153,7 @@ def test_print_composed_config_with_seed_defaults():
     result = run_cli("--cfg", "job", "method=cd", cwd=ROOT)
     assert result.returncode == 0, result.stderr
     printed = result.stdout
-    for expected in ["stable-diffusion-v1-5/stable-diffusion-v1-5", "rank: 64", "precision: 16-mixed",
+    for expected in ["stable-diffusion-v1-5/stable-diffusion-v1-5", "rank: 64", "precision: bf16-mixed",
                      "loss: pseudo_huber", "num_pairs: 5000", "batch_size: 8"]:
         assert expected in printed, expected
 
