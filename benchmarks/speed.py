@@ -84,12 +84,12 @@ def write_inputs(work: Path, scale: str, images: int) -> tuple[Path, Path]:
     return model, coco
 
 
-def base_overrides(scale: str, model: Path, coco: Path, images: int) -> list[str]:
+def base_overrides(scale: str, model: Path, coco: Path, images: int, workers: int) -> list[str]:
     common = [f"model.pretrained={model}", "data=coco5k", f"data.root={coco}",
               f"data.datamodule.source.num_pairs={images}", "data.datamodule.progress=false"]
     if scale == "sd15":
         return ["model=local", "model.resolution=512", "model.encoder_dtype=bf16", "trainer=gpu",
-                "data.datamodule.num_workers=8", "data.datamodule.encode_batch_size=64", *common]
+                f"data.datamodule.num_workers={workers}", "data.datamodule.encode_batch_size=64", *common]
     return ["model=local", "model.resolution=32", "trainer=cpu", "data.datamodule.num_workers=0", "lora.rank=4",
             *common]
 
@@ -117,10 +117,14 @@ def measure_prepare(args, overrides: list[str], env: dict) -> dict:
 
 TRAIN_VARIANTS = {
     # name: overrides (on top of each method's defaults)
+    # the defaults before issue 10: peft's LoRA forward, fp16 with loss scaling, foreach AdamW, no graphs
     "cd_before_ckpt": ["method=cd", "method.module.lora_forward=peft", "trainer.precision=16-mixed",
-                       "method.module.gradient_checkpointing=true"],
+                       "method.module.gradient_checkpointing=true", "method.module.cuda_graphs=false",
+                       "optimizer.fused=false"],
     "cd_before": ["method=cd", "method.module.lora_forward=peft", "trainer.precision=16-mixed",
-                  "method.module.gradient_checkpointing=false"],
+                  "method.module.gradient_checkpointing=false", "method.module.cuda_graphs=false",
+                  "optimizer.fused=false"],
+    "cd_nographs": ["method=cd", "method.module.cuda_graphs=false"],
     "cd_peft_bf16": ["method=cd", "method.module.lora_forward=peft", "method.module.gradient_checkpointing=false"],
     "cd_merged_fp16": ["method=cd", "trainer.precision=16-mixed", "method.module.gradient_checkpointing=false"],
     "cd": ["method=cd"],
@@ -217,6 +221,7 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=10)
     parser.add_argument("--variants", default=",".join(TRAIN_VARIANTS))
     parser.add_argument("--sections", default="prepare,train,reference,sample,job")
+    parser.add_argument("--reference", default="no_ckpt,ckpt", help="reference loop variants")
     parser.add_argument("--budget-s", type=float, default=560, help="stop starting new sections after this")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -230,7 +235,7 @@ def main() -> None:
                      "command": " ".join(sys.argv)}
     model, coco = write_inputs(args.work, args.scale, args.images)
     results["inputs_seconds"] = round(elapsed(), 1)
-    overrides = base_overrides(args.scale, model, coco, args.images)
+    overrides = base_overrides(args.scale, model, coco, args.images, args.workers)
     if "prepare" in sections:
         results["prepare"] = measure_prepare(args, overrides, env)
         save(results, args.out)
@@ -249,7 +254,8 @@ def main() -> None:
         from reference_lcm_loop import measure_reference
 
         results["reference"] = measure_reference(model, device, batch=args.batch, steps=args.steps, skip=args.skip,
-                                                 resolution=512 if args.scale == "sd15" else 32)
+                                                 resolution=512 if args.scale == "sd15" else 32,
+                                                 gradient_checkpointing=tuple(c == "ckpt" for c in args.reference.split(",")))
         save(results, args.out)
         print("reference", results["reference"], flush=True)
     if "sample" in sections and elapsed() < args.budget_s:
