@@ -219,7 +219,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip", type=int, default=10)
-    parser.add_argument("--variants", default=",".join(TRAIN_VARIANTS))
+    parser.add_argument("--variants", default="cd_before,cd,cd_nographs,mcd,ct,cd_ckpt,cd_before_ckpt")
+    parser.add_argument("--workers", type=int, default=8, help="cache-build DataLoader workers")
+    parser.add_argument("--late-variants", default="cd_compile,cd_peft_bf16,cd_merged_fp16",
+                        help="train variants run after sampling and the reference loop, while time remains")
     parser.add_argument("--sections", default="prepare,train,reference,sample,job")
     parser.add_argument("--reference", default="no_ckpt,ckpt", help="reference loop variants")
     parser.add_argument("--budget-s", type=float, default=560, help="stop starting new sections after this")
@@ -241,15 +244,20 @@ def main() -> None:
         save(results, args.out)
         print("prepare", results["prepare"].get("images_per_s"), "images/s", flush=True)
     results["train"] = {}
-    if "train" in sections:
-        for name in args.variants.split(","):
-            if elapsed() > args.budget_s:
+
+    def train_variants(names: str) -> None:
+        for name in filter(None, names.split(",")):
+            if elapsed() > args.budget_s - 30:
                 results["train"][name] = "skipped: time budget"
                 continue
             results["train"][name] = measure_train(args, name, overrides + TRAIN_VARIANTS[name], env, tflops)
             save(results, args.out)
             r = results["train"][name]
-            print(name, {k: r.get(k) for k in ("step_ms", "mfu", "peak_memory_gib", "gpu_phase_ms")}, flush=True)
+            print(name, {k: r.get(k) for k in ("step_ms", "mfu", "peak_memory_gib", "gpu_phase_ms", "returncode")},
+                  flush=True)
+
+    if "train" in sections:
+        train_variants(args.variants)
     if "reference" in sections and elapsed() < args.budget_s:
         from reference_lcm_loop import measure_reference
 
@@ -263,6 +271,8 @@ def main() -> None:
                 if isinstance(results["train"].get(name), dict) and "lora" in results["train"][name]}
         results["sample"] = measure_sampling(args, runs, device)
         save(results, args.out)
+    if "train" in sections:
+        train_variants(args.late_variants)
     cd = results["train"].get("cd")
     job_estimate = (cd["step_ms"] / 1000 * 1000 + 60) if isinstance(cd, dict) and "step_ms" in cd else None
     if "job" in sections and job_estimate and elapsed() + job_estimate < args.budget_s:
