@@ -119,3 +119,35 @@ def test_graphed_student_gives_the_eager_outputs_and_gradients_as_weights_move(t
             for p in params:
                 p.add_(torch.randn_like(p) * 0.01)
     assert graphed.graphed  # the graph was captured and used, not the eager fallback
+
+
+def test_step_profiler_times_every_step_and_phase_of_a_real_run(tmp_path):
+    import json
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from cm_lightning.train import train
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    while not (conf / "train.yaml").is_file():  # the tests folder may sit one level deeper
+        conf = conf.parent.parent / "conf"
+    profile = tmp_path / "profile.json"
+    overrides = [
+        "method=cd", "model=tiny", "data=shapes", "trainer=cpu", "trainer.max_steps=4", "lora.rank=4",
+        "batch_size=4", "data.datamodule.source.num_images=16", "data.datamodule.progress=false",
+        f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'run'}", "logger=none",
+        "~callbacks.sample_grid", "teacher_guidance.min=2", "teacher_guidance.max=3",
+        "+callbacks.step_profiler._target_=cm_lightning.methods.profiling.StepProfiler",
+        f"+callbacks.step_profiler.out={profile}", "+callbacks.step_profiler.skip=1",
+    ]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    train(cfg)
+    summary = json.loads(profile.read_text())
+    assert len(summary["steps"]) == 4 and summary["steps_timed"] == 3
+    phases = summary["gpu_phase_seconds"]
+    assert {"teacher", "student_forward", "target", "backward", "optimizer", "step"} <= set(phases)
+    assert all(v > 0 for v in phases.values())
+    inner = sum(v for k, v in phases.items() if k != "step")
+    assert inner <= phases["step"] * 1.05 and summary["step_seconds"] >= phases["step"] * 0.95
