@@ -141,7 +141,7 @@ class MethodContract:
 
         perfect = self.perfect_student(module, x0)
 
-        def inconsistent(x_t, t, context):  # x0_hat off by 0.1 at every other solver step: t_hi and t_lo disagree
+        def inconsistent(x_t, t, context, role="student"):  # x0_hat off by 0.1 at every other solver step: t_hi and t_lo disagree
             pred = perfect(x_t, t, context)
             return Prediction(pred.x0 + 0.1 * ((t // 20) % 2).view(-1, 1, 1, 1), pred.eps)
 
@@ -153,7 +153,7 @@ def lcm_perfect_student(module, x0):
     """f(x_t, t) = c_skip x_t + c_out x0_hat equal to the trajectory's point at t = 0 (LCM's boundary)."""
     abar_ = module.schedule.alphas_cumprod
 
-    def student(x_t, t, context):
+    def student(x_t, t, context, role="student"):
         a, s = abar_[t].sqrt().view(-1, 1, 1, 1), (1 - abar_[t]).sqrt().view(-1, 1, 1, 1)
         noise = (x_t - a * x0) / s
         at_zero = abar_[0].sqrt() * x0 + (1 - abar_[0]).sqrt() * noise
@@ -223,7 +223,7 @@ class TestMultiBoundaryConsistencyDistillation(TeacherStepContract):
         """The exact (x0, eps) of the trajectory: its DDIM jump lands on the trajectory at the segment's edge."""
         abar_ = module.schedule.alphas_cumprod
 
-        def student(x_t, t, context):
+        def student(x_t, t, context, role="student"):
             a, s = abar_[t].sqrt().view(-1, 1, 1, 1), (1 - abar_[t]).sqrt().view(-1, 1, 1, 1)
             return Prediction(x0, (x_t - a * x0) / s)
 
