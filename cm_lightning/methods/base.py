@@ -241,15 +241,6 @@ class ConsistencyModule(LatentTrainingModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip (trainer.gradient_clip_val) and log the total gradient norm from the same single foreach pass."""
-        params = self.trainable_parameters()
-        if gradient_clip_val:
-            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        self.log("train/grad_norm", norm)
-
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
             self.ema.update()

@@ -1,6 +1,6 @@
 """What every LightningModule trained on the latent cache shares (the consistency methods and the teacher's diffusion
 training): the empty prompt's embedding from the datamodule, the schedule and that embedding on the run's device,
-and the optimizer from the run's factories."""
+the optimizer from the run's factories, and gradient clipping with the norm logged."""
 
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ class LatentTrainingModule(L.LightningModule):
         self.schedule = replace(self.schedule, alphas_cumprod=self.schedule.alphas_cumprod.to(self.device))
         if self.null_context is not None:
             self.null_context = self.null_context.to(self.device, torch.float32)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip (trainer.gradient_clip_val) and log the total gradient norm from the same single foreach pass; also
+        what lets a fused optimizer (AdamW fused=True) be clipped, which Lightning's own clipping refuses."""
+        params = self.trainable_parameters()
+        if gradient_clip_val:
+            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        self.log("train/grad_norm", norm)
 
     def configure_optimizers(self):
         return lightning_optimizers(self.trainable_parameters(), self.optimizer_factory, self.lr_scheduler_factory)
