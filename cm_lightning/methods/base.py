@@ -78,6 +78,7 @@ class ConsistencyModule(L.LightningModule):
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.ema = EmaWeights(self.trainable_parameters(), ema_decay) if target == "ema" else None
+        self._ema_step = 0  # the optimizer step the EMA last saw
         self.null_context: torch.Tensor | None = None  # the empty prompt's embedding, from the datamodule
         self.strict_loading = False  # checkpoints hold the LoRA weights only
 
@@ -158,6 +159,7 @@ class ConsistencyModule(L.LightningModule):
             self.null_context = self.null_context.to(self.device, torch.float32)
         if self.ema is not None:
             self.ema.shadow = [s.to(self.device) for s in self.ema.shadow]
+        self._ema_step = self.global_step  # the step the EMA last saw (a resumed run's, on resume)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = batch["latents"].float()
@@ -190,7 +192,9 @@ class ConsistencyModule(L.LightningModule):
         self.log("train/grad_norm", norm)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None:
+        # once per optimizer step: under accumulate_grad_batches=k this hook runs k times per step
+        if self.ema is not None and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
             self.ema.update()
 
     def configure_optimizers(self):

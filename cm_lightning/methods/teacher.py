@@ -46,6 +46,7 @@ class TeacherTraining(L.LightningModule):
         self.schedule = schedule
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.null_context: torch.Tensor | None = None
+        self._ema_step = 0  # the optimizer step the EMA last saw
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         # kept out of the module tree so that checkpoints hold the UNet's parameters once
@@ -60,6 +61,7 @@ class TeacherTraining(L.LightningModule):
         self.schedule = replace(self.schedule, alphas_cumprod=self.schedule.alphas_cumprod.to(self.device))
         if self.null_context is not None:
             self.null_context = self.null_context.to(self.device, torch.float32)
+        self._ema_step = self.global_step  # the step the EMA last saw (a resumed run's, on resume)
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         kind = self.schedule.prediction_type
@@ -87,6 +89,10 @@ class TeacherTraining(L.LightningModule):
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # once per optimizer step: under accumulate_grad_batches=k this hook runs k times per step
+        if self.global_step == self._ema_step:
+            return
+        self._ema_step = self.global_step
         decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))  # warm-up
         # one foreach kernel per dtype group instead of one lerp per parameter (a small UNet has hundreds)
         torch._foreach_lerp_(list(self.ema_unet.parameters()), [p.detach() for p in self.unet.parameters()],
