@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from cm_lightning.diffusion.grid import curriculum_num_steps
 from cm_lightning.diffusion.schedule import NoiseSchedule
 from cm_lightning.methods import ConsistencyDistillation
+from cm_lightning.methods.ema import EmaWeights
 from cm_lightning.methods.teacher import TeacherTraining
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,3 +98,15 @@ def test_curriculum_reaches_every_stage_and_its_end_in_equal_shares():
     assert [curriculum_num_steps(s, 400, 10, 80) for s in range(0, 400, 50)] == [10, 10, 20, 20, 40, 40, 80, 80]
     assert [curriculum_num_steps(s, 300, 25, 50) for s in (0, 149, 150, 299)] == [25, 25, 50, 50]
     assert curriculum_num_steps(0, 400, 50, 50) == 50 and curriculum_num_steps(10**6, 400, 10, 50) == 50
+
+
+def test_ema_moves_a_fraction_one_minus_decay_towards_the_weights():
+    param = torch.nn.Parameter(torch.full((3,), 2.0))
+    ema = EmaWeights([param], decay=0.9)
+    with torch.no_grad():
+        param.fill_(12.0)
+    ema.update()
+    torch.testing.assert_close(ema.shadow[0], torch.full((3,), 3.0))  # 2 + 0.1 * (12 - 2)
+    with ema.swapped():
+        assert torch.equal(param.detach(), torch.full((3,), 3.0))
+    assert torch.equal(param.detach(), torch.full((3,), 12.0))
