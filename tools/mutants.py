@@ -70,6 +70,17 @@ MUTANTS = [
     Mutant("CT's oracle x_lo noised at t_hi", "cm_lightning/methods/ct.py",
            "return self.schedule.add_noise(x0, noise, t_lo)", "return self.schedule.add_noise(x0, noise, t_hi)",
            (STEPS + "test_ct_previous_point_is_the_forward_process_at_t_lo_with_the_same_noise",)),
+    # ---- the training step itself
+    Mutant("x_hi noised at t_lo", "cm_lightning/methods/base.py",
+           "x_hi = self.schedule.add_noise(x0, noise, t_hi)", "x_hi = self.schedule.add_noise(x0, noise, t_lo)",
+           (STEPS + "test_training_step_loss_is_pseudo_huber_between_student_at_x_hi_and_target_at_x_lo",)),
+    Mutant("boundary taken from t_hi (the student's segment, not the pair's)", "cm_lightning/methods/base.py",
+           "boundary = self.boundary(t_lo)", "boundary = self.boundary(t_hi)",
+           (STEPS + "test_training_step_loss_is_pseudo_huber_between_student_at_x_hi_and_target_at_x_lo",)),
+    Mutant("target evaluated at t_hi", "cm_lightning/methods/base.py",
+           "target = self.target(x_lo, t_lo, student_context, boundary)",
+           "target = self.target(x_lo, t_hi, student_context, boundary)",
+           (STEPS + "test_training_step_loss_is_pseudo_huber_between_student_at_x_hi_and_target_at_x_lo",)),
     # ---- guidance and the empty prompt
     Mutant("CFG halves swapped (cond first)", "cm_lightning/diffusion/denoiser.py",
            "uncond, cond = output.chunk(2)", "cond, uncond = output.chunk(2)",

@@ -7,11 +7,14 @@ the step down to timestep 0 and MCD's segment edges. Guidance is diffusers' g (`
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, UNet2DConditionModel
+from torch.utils.data import DataLoader
 
 from cm_lightning.diffusion.schedule import NoiseSchedule
+from cm_lightning.methods import base as base_module
 from cm_lightning.methods import (
     ConsistencyDistillation,
     ConsistencyTraining,
@@ -216,3 +219,65 @@ def test_ct_caption_dropout_swaps_in_the_empty_prompt(tiny_sd_path):
     assert 0.22 < dropped.float().mean() < 0.28
     module.eval()
     assert torch.equal(module.training_context(context), context)
+
+
+# ---------------------------------------------------------------------------------------------- one whole step
+class LossOf(L.Callback):
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.loss = outputs["loss"].detach()
+
+
+@pytest.mark.parametrize("cls", [ConsistencyTraining, ConsistencyDistillation, MultiBoundaryConsistencyDistillation])
+def test_training_step_loss_is_pseudo_huber_between_student_at_x_hi_and_target_at_x_lo(
+    tiny_sd_path, base, cls, monkeypatch
+):
+    """One real training step (Lightning, lr 0) on fixed pairs: x_hi is the forward process at t_hi; the loss is the
+    mean pseudo-Huber (c = 0.001) between f(x_hi, t_hi) and the target at x_lo, both to the boundary of t_lo."""
+    _, config = base
+    pairs = batch(50)[3:]
+    monkeypatch.setattr(base_module, "sample_training_pairs", lambda grid, size, **kw: (pairs[0].to(grid.device),
+                                                                                         pairs[1].to(grid.device)))
+    options = {"caption_dropout": 0.0} if cls is ConsistencyTraining else {"guidance_min": 2.0, "guidance_max": 2.0}
+    module = make_method(tiny_sd_path, cls, **options)
+    seen = {}
+    previous_point = module.previous_point
+
+    def capture(x0, noise, x_hi, t_hi, t_lo, context):
+        seen.update(x0=x0, noise=noise, x_hi=x_hi, t_hi=t_hi, t_lo=t_lo, context=context)
+        seen["x_lo"] = previous_point(x0, noise, x_hi, t_hi, t_lo, context)
+        return seen["x_lo"]
+
+    module.previous_point = capture
+    x0, _, context, _, _ = batch(50)
+    loss = LossOf()
+    torch.manual_seed(3)
+    L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[loss]).fit(
+        module, DataLoader([{"latents": x0[i], "text_embeds": context[i]} for i in range(6)], batch_size=6))
+
+    abar = alpha_bar(config)
+    t_hi, t_lo = seen["t_hi"], seen["t_lo"]
+    assert torch.equal(seen["x0"], x0) and torch.equal(seen["context"], context)
+    assert torch.equal(t_hi, pairs[0]) and torch.equal(t_lo, pairs[1])
+    expected_x_hi = DDPMScheduler.from_config(config).add_noise(x0, seen["noise"], t_hi)
+    assert (seen["x_hi"] - expected_x_hi).abs().max() < 1e-5
+    x_hi, x_lo = seen["x_hi"], seen["x_lo"]
+    eps_hi, eps_lo = student_output(module, x_hi, t_hi, context), student_output(module, x_lo, t_lo, context)
+    lcm = LCMScheduler.from_config(config)
+    edges = module.edges.tolist() if cls is MultiBoundaryConsistencyDistillation else [0]
+    per_sample = []
+    for i in range(6):
+        th, tl = int(t_hi[i]), int(t_lo[i])
+        s = max(e for e in edges if e <= tl)
+        if cls is MultiBoundaryConsistencyDistillation:
+            pred = ddim_jump_reference(eps_hi[i], x_hi[i], th, s, abar)
+            target = ddim_jump_reference(eps_lo[i], x_lo[i], tl, s, abar)
+        else:
+            def lcm_f(x, eps, t):
+                c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(torch.tensor(t))
+                return c_skip * x + c_out * (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+
+            pred, target = lcm_f(x_hi[i], eps_hi[i], th), lcm_f(x_lo[i], eps_lo[i], tl)
+        target = x_lo[i] if tl == s else target
+        per_sample.append((((pred - target) ** 2 + 1e-6).sqrt() - 1e-3).mean())
+    assert loss.loss.item() == pytest.approx(torch.stack(per_sample).mean().item(), rel=1e-4, abs=1e-7)
