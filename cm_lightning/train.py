@@ -61,6 +61,14 @@ def run_info(cfg: DictConfig, module) -> RunInfo:
     )
 
 
+def supported_precision(precision: str, device: torch.device) -> str:
+    """``bf16-mixed`` on a GPU without bf16 (T4, V100) becomes ``16-mixed`` (fp16 with loss scaling), said once."""
+    if precision.startswith("bf16") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("trainer.precision=%s: this GPU has no bf16; training in 16-mixed (fp16 + loss scaling)", precision)
+        return "16-mixed"
+    return precision
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job from a composed config; returns the final logged metrics."""
     L.seed_everything(cfg.seed, workers=True)
@@ -81,7 +89,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if "_target_" in c]
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    precision = supported_precision(str(cfg.trainer.precision), device)
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     output_dir = Path(cfg.paths.output_dir)

@@ -8,7 +8,7 @@ function (:meth:`consistency`) and the boundary a pair maps to (:meth:`boundary`
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any, Callable, Iterator
 
@@ -21,13 +21,27 @@ from ..diffusion.losses import make_loss
 from ..diffusion.parameterization import Prediction
 from ..diffusion.samplers import Conditioning
 from ..diffusion.schedule import NoiseSchedule
-from ..models.lora import adapters_disabled, add_lora, cast_for_training
+from ..models.lora import LORA_FORWARDS, adapters_disabled, add_lora, cast_for_training, use_merged_lora_forward
 from .ema import EmaWeights
 from .sampling import SamplerKind, generate_latents, unet_network
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 
 _HALF_DTYPES = {"16": torch.float16, "bf16": torch.bfloat16}
+# gradient_checkpointing='auto' switches it off on GPUs this large: SD1.5 at batch 8 trains in about 16 GiB without
+# it (benchmarks/speed.md), and recomputing every block costs about a third of the step.
+AUTO_CHECKPOINTING_GIB = 40
+
+
+def compile_unet_blocks(unet: torch.nn.Module) -> int:
+    """``torch.compile`` every transformer and ResNet block in place; returns how many (regional compilation)."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    blocks = [m for m in unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 class ConsistencyModule(L.LightningModule):
@@ -42,7 +56,12 @@ class ConsistencyModule(L.LightningModule):
         num_solver_steps: N, the DDIM solver grid size (skip k = T // N).
         loss: 'pseudo_huber' (c = ``huber_c``), 'pseudo_huber_norm' (iCT) or 'l2'.
         target: 'student' (the student itself under no-grad, as LCM-LoRA) or 'ema' (an EMA of the LoRA weights).
-        gradient_checkpointing: trade compute for memory in the UNet.
+        gradient_checkpointing: trade compute for memory in the UNet: True, False, or 'auto' (on unless the
+            GPU has at least ``AUTO_CHECKPOINTING_GIB`` of memory; off on the CPU, where memory is not the limit).
+        lora_forward: 'merged' (each LoRA layer runs as one op on W + scale B A: same function and gradients,
+            about half the time at SD1.5 size) or 'peft' (peft's own unmerged forward).
+        compile_blocks: ``torch.compile`` each transformer and ResNet block of the UNet (regional compilation:
+            blocks of one shape share their compiled code, so compiling takes far less than the whole UNet).
         sample_steps: default number of steps for this method's sampler.
     """
 
@@ -61,13 +80,17 @@ class ConsistencyModule(L.LightningModule):
         huber_c: float | None = 0.001,
         target: str = "student",
         ema_decay: float = 0.95,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | str = "auto",
+        lora_forward: str = "merged",
+        compile_blocks: bool = False,
         sample_steps: int = 4,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "schedule", "optimizer", "lr_scheduler"])
         if target not in ("student", "ema"):
             raise ValueError(f"method.target={target!r} is not one of 'student', 'ema'")
+        if lora_forward not in LORA_FORWARDS:
+            raise ValueError(f"method.lora_forward={lora_forward!r} is not one of {', '.join(LORA_FORWARDS)}")
         self.unet = unet
         self.schedule = schedule
         self.optimizer_factory = optimizer
@@ -75,12 +98,23 @@ class ConsistencyModule(L.LightningModule):
         self.grid = solver_grid(schedule.num_train_timesteps, num_solver_steps)
         self.loss_fn = make_loss(loss, huber_c)
         self.num_trainable = add_lora(unet, **lora)
-        if gradient_checkpointing:
+        if lora_forward == "merged":
+            use_merged_lora_forward(unet)
+        self.compile_blocks = compile_blocks
+        if gradient_checkpointing not in (True, False, "auto"):
+            raise ValueError(f"method.gradient_checkpointing={gradient_checkpointing!r} is not true, false or 'auto'")
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing is True:
             unet.enable_gradient_checkpointing()
         self.ema = EmaWeights(self.trainable_parameters(), ema_decay) if target == "ema" else None
         self._ema_step = 0  # the optimizer step the EMA last saw
         self.null_context: torch.Tensor | None = None  # the empty prompt's embedding, from the datamodule
         self.strict_loading = False  # checkpoints hold the LoRA weights only
+        self.step_profiler = None  # set by profiling.StepProfiler while it times a run
+
+    def phase(self, name: str):
+        """Marks a phase of the training step for the step profiler (a no-op unless one is attached)."""
+        return nullcontext() if self.step_profiler is None else self.step_profiler.phase(name)
 
     # ------------------------------------------------------------------ the three seams of a method
     def previous_point(
@@ -152,6 +186,12 @@ class ConsistencyModule(L.LightningModule):
         half = _HALF_DTYPES.get(precision.split("-")[0])
         if half is not None:  # frozen weights in the run's half dtype; LoRA stays float32 for the optimizer
             cast_for_training(self.unet, half)
+        if self.compile_blocks:
+            compile_unet_blocks(self.unet)
+        if self.gradient_checkpointing == "auto" and self._trainer is not None:
+            device = self.trainer.strategy.root_device
+            if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < AUTO_CHECKPOINTING_GIB * 2**30:
+                self.unet.enable_gradient_checkpointing()
 
     def on_fit_start(self) -> None:
         self.schedule = replace(self.schedule, alphas_cumprod=self.schedule.alphas_cumprod.to(self.device))
@@ -169,10 +209,13 @@ class ConsistencyModule(L.LightningModule):
         noise = torch.randn_like(x0)
         x_hi = self.schedule.add_noise(x0, noise, t_hi)
         boundary = self.boundary(t_lo)
-        x_lo = self.previous_point(x0, noise, x_hi, t_hi, t_lo, context)
+        with self.phase("teacher"):
+            x_lo = self.previous_point(x0, noise, x_hi, t_hi, t_lo, context)
         student_context = self.training_context(context)
-        pred = self.consistency(x_hi, t_hi, self.student(x_hi, t_hi, student_context), boundary)
-        target = self.target(x_lo, t_lo, student_context, boundary)
+        with self.phase("student_forward"):
+            pred = self.consistency(x_hi, t_hi, self.student(x_hi, t_hi, student_context), boundary)
+        with self.phase("target"):
+            target = self.target(x_lo, t_lo, student_context, boundary)
         per_sample = self.loss_fn(pred, target)
         weights = self.pair_weights(t_hi, t_lo)
         loss = per_sample.mean() if weights is None else (per_sample * weights).sum() / weights.sum()
