@@ -57,7 +57,7 @@ def test_cd_export_on_a_25_step_grid_reproduces_our_sampler_with_guidance(tiny_s
     assert scheduler.timesteps.tolist() == ours_timesteps
     assert ours_timesteps != lcm_timesteps(solver_grid(1000, 50), steps).tolist()  # N matters here
 
-    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run)
+    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run, merge_lora=False)
     noise = drawer.noise(len(PROMPTS), seed=3)
     mine = drawer.draw_latents(PROMPTS, steps=steps, guidance_scale=guidance, noise=noise,
                                generator=torch.Generator().manual_seed(7))
@@ -80,7 +80,7 @@ def test_mcd_export_with_three_segments_on_a_25_step_grid_reproduces_our_edge_ju
     assert timesteps == [999, 719, 359]
     assert f"timesteps={timesteps}, eta=0.0" in (exported / "README.md").read_text()
 
-    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run)
+    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run, merge_lora=False)
     noise = drawer.noise(len(PROMPTS), seed=5)
     mine = drawer.draw_latents(PROMPTS, steps=3, guidance_scale=2.0, noise=noise)
     pipe = pipeline(tiny_sd_path, scheduler, exported)
