@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 
 def measure_reference(model: Path, device: torch.device, *, batch: int, steps: int, skip: int, resolution: int,

@@ -84,12 +84,12 @@ def write_inputs(work: Path, scale: str, images: int) -> tuple[Path, Path]:
     return model, coco
 
 
-def base_overrides(scale: str, model: Path, coco: Path, images: int) -> list[str]:
+def base_overrides(scale: str, model: Path, coco: Path, images: int, workers: int) -> list[str]:
     common = [f"model.pretrained={model}", "data=coco5k", f"data.root={coco}",
               f"data.datamodule.source.num_pairs={images}", "data.datamodule.progress=false"]
     if scale == "sd15":
         return ["model=local", "model.resolution=512", "model.encoder_dtype=bf16", "trainer=gpu",
-                "data.datamodule.num_workers=8", "data.datamodule.encode_batch_size=64", *common]
+                f"data.datamodule.num_workers={workers}", "data.datamodule.encode_batch_size=64", *common]
     return ["model=local", "model.resolution=32", "trainer=cpu", "data.datamodule.num_workers=0", "lora.rank=4",
             *common]
 
@@ -117,10 +117,14 @@ def measure_prepare(args, overrides: list[str], env: dict) -> dict:
 
 TRAIN_VARIANTS = {
     # name: overrides (on top of each method's defaults)
+    # the defaults before issue 10: peft's LoRA forward, fp16 with loss scaling, foreach AdamW, no graphs
     "cd_before_ckpt": ["method=cd", "method.module.lora_forward=peft", "trainer.precision=16-mixed",
-                       "method.module.gradient_checkpointing=true"],
+                       "method.module.gradient_checkpointing=true", "method.module.cuda_graphs=false",
+                       "optimizer.fused=false"],
     "cd_before": ["method=cd", "method.module.lora_forward=peft", "trainer.precision=16-mixed",
-                  "method.module.gradient_checkpointing=false"],
+                  "method.module.gradient_checkpointing=false", "method.module.cuda_graphs=false",
+                  "optimizer.fused=false"],
+    "cd_nographs": ["method=cd", "method.module.cuda_graphs=false"],
     "cd_peft_bf16": ["method=cd", "method.module.lora_forward=peft", "method.module.gradient_checkpointing=false"],
     "cd_merged_fp16": ["method=cd", "trainer.precision=16-mixed", "method.module.gradient_checkpointing=false"],
     "cd": ["method=cd"],
@@ -215,8 +219,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip", type=int, default=10)
-    parser.add_argument("--variants", default=",".join(TRAIN_VARIANTS))
+    parser.add_argument("--variants", default="cd_before,cd,cd_nographs,mcd,ct,cd_ckpt,cd_before_ckpt")
+    parser.add_argument("--workers", type=int, default=8, help="cache-build DataLoader workers")
+    parser.add_argument("--late-variants", default="cd_compile,cd_peft_bf16,cd_merged_fp16",
+                        help="train variants run after sampling and the reference loop, while time remains")
     parser.add_argument("--sections", default="prepare,train,reference,sample,job")
+    parser.add_argument("--reference", default="no_ckpt,ckpt", help="reference loop variants")
     parser.add_argument("--budget-s", type=float, default=560, help="stop starting new sections after this")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -230,26 +238,32 @@ def main() -> None:
                      "command": " ".join(sys.argv)}
     model, coco = write_inputs(args.work, args.scale, args.images)
     results["inputs_seconds"] = round(elapsed(), 1)
-    overrides = base_overrides(args.scale, model, coco, args.images)
+    overrides = base_overrides(args.scale, model, coco, args.images, args.workers)
     if "prepare" in sections:
         results["prepare"] = measure_prepare(args, overrides, env)
         save(results, args.out)
         print("prepare", results["prepare"].get("images_per_s"), "images/s", flush=True)
     results["train"] = {}
-    if "train" in sections:
-        for name in args.variants.split(","):
-            if elapsed() > args.budget_s:
+
+    def train_variants(names: str) -> None:
+        for name in filter(None, names.split(",")):
+            if elapsed() > args.budget_s - 30:
                 results["train"][name] = "skipped: time budget"
                 continue
             results["train"][name] = measure_train(args, name, overrides + TRAIN_VARIANTS[name], env, tflops)
             save(results, args.out)
             r = results["train"][name]
-            print(name, {k: r.get(k) for k in ("step_ms", "mfu", "peak_memory_gib", "gpu_phase_ms")}, flush=True)
+            print(name, {k: r.get(k) for k in ("step_ms", "mfu", "peak_memory_gib", "gpu_phase_ms", "returncode")},
+                  flush=True)
+
+    if "train" in sections:
+        train_variants(args.variants)
     if "reference" in sections and elapsed() < args.budget_s:
         from reference_lcm_loop import measure_reference
 
         results["reference"] = measure_reference(model, device, batch=args.batch, steps=args.steps, skip=args.skip,
-                                                 resolution=512 if args.scale == "sd15" else 32)
+                                                 resolution=512 if args.scale == "sd15" else 32,
+                                                 gradient_checkpointing=tuple(c == "ckpt" for c in args.reference.split(",")))
         save(results, args.out)
         print("reference", results["reference"], flush=True)
     if "sample" in sections and elapsed() < args.budget_s:
@@ -257,6 +271,8 @@ def main() -> None:
                 if isinstance(results["train"].get(name), dict) and "lora" in results["train"][name]}
         results["sample"] = measure_sampling(args, runs, device)
         save(results, args.out)
+    if "train" in sections:
+        train_variants(args.late_variants)
     cd = results["train"].get("cd")
     job_estimate = (cd["step_ms"] / 1000 * 1000 + 60) if isinstance(cd, dict) and "step_ms" in cd else None
     if "job" in sections and job_estimate and elapsed() + job_estimate < args.budget_s:

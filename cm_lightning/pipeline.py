@@ -16,7 +16,8 @@ import torch
 from .diffusion.samplers import Conditioning
 from .diffusion.schedule import NoiseSchedule
 from .errors import UserError
-from .methods.sampling import CudaGraphNetwork, SamplerKind, generate_latents, unet_network
+from .methods.cuda_graphs import CudaGraphNetwork
+from .methods.sampling import SamplerKind, generate_latents, unet_network
 from .models.components import SDComponents
 from .models.encoders import FrozenEncoders
 from .models.lora import ADAPTER, add_lora, load_lora_state_dict, merge_adapter

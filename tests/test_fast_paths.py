@@ -68,9 +68,13 @@ def test_merged_adapter_draws_what_the_unmerged_adapter_draws(tiny_sd_path):
     assert ((merged - unmerged).norm() / unmerged.norm()).item() < 1e-5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@needs_gpu
 def test_cuda_graph_network_replays_the_network(tiny_sd_path):
-    from cm_lightning.methods.sampling import CudaGraphNetwork, unet_network
+    from cm_lightning.methods.cuda_graphs import CudaGraphNetwork
+    from cm_lightning.methods.sampling import unet_network
 
     unet = load_components(str(tiny_sd_path)).unet.cuda()
     plain = unet_network(unet)
@@ -79,3 +83,71 @@ def test_cuda_graph_network_replays_the_network(tiny_sd_path):
         x = torch.randn(2, 4, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
         t, context = torch.tensor([5, 900], device="cuda"), torch.randn(2, 77, 32, device="cuda")
         torch.testing.assert_close(graphed(x, t, context), plain(x, t, context))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, None])
+def test_graphed_student_gives_the_eager_outputs_and_gradients_as_weights_move(tiny_sd_path, dtype):
+    from cm_lightning.methods.cuda_graphs import GraphedStudent, _UNetCall
+
+    unet = _lora_unet(tiny_sd_path).cuda()
+    use_merged_lora_forward(unet)
+    if dtype is not None:  # frozen weights in the half dtype, LoRA in fp32, as training casts them
+        from cm_lightning.models.lora import cast_for_training
+
+        cast_for_training(unet, dtype)
+    graphed, eager = GraphedStudent(unet, dtype), _UNetCall(unet)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    autocast = torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None)
+    for seed in range(3):
+        generator = torch.Generator("cuda").manual_seed(seed)
+        x = torch.randn(2, 4, 16, 16, device="cuda", generator=generator)
+        t = torch.tensor([10 + seed, 700], device="cuda")
+        context = torch.randn(2, 77, 32, device="cuda", generator=generator)
+        results = []
+        for net in (graphed, eager):
+            for p in params:
+                p.grad = None
+            with autocast:
+                out = net(x, t, context)
+            out.square().mean().backward()
+            results.append((out.detach().clone(), torch.cat([p.grad.flatten() for p in params]).clone()))
+        tolerance = 1e-5 if dtype is None else 2e-2
+        for graphed_value, eager_value in zip(*results):
+            assert ((graphed_value - eager_value).norm() / eager_value.norm()).item() < tolerance
+        with torch.no_grad():  # an optimizer step in place: the next replay must see the new weights
+            for p in params:
+                p.add_(torch.randn_like(p) * 0.01)
+    assert graphed.graphed  # the graph was captured and used, not the eager fallback
+
+
+def test_step_profiler_times_every_step_and_phase_of_a_real_run(tmp_path):
+    import json
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from cm_lightning.train import train
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    while not (conf / "train.yaml").is_file():  # the tests folder may sit one level deeper
+        conf = conf.parent.parent / "conf"
+    profile = tmp_path / "profile.json"
+    overrides = [
+        "method=cd", "model=tiny", "data=shapes", "trainer=cpu", "trainer.max_steps=4", "lora.rank=4",
+        "batch_size=4", "data.datamodule.source.num_images=16", "data.datamodule.progress=false",
+        f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'run'}", "logger=none",
+        "~callbacks.sample_grid", "teacher_guidance.min=2", "teacher_guidance.max=3",
+        "+callbacks.step_profiler._target_=cm_lightning.methods.profiling.StepProfiler",
+        f"+callbacks.step_profiler.out={profile}", "+callbacks.step_profiler.skip=1",
+    ]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    train(cfg)
+    summary = json.loads(profile.read_text())
+    assert len(summary["steps"]) == 4 and summary["steps_timed"] == 3
+    phases = summary["gpu_phase_seconds"]
+    assert {"teacher", "student_forward", "target", "backward", "optimizer", "step"} <= set(phases)
+    assert all(v > 0 for v in phases.values())
+    inner = sum(v for k, v in phases.items() if k != "step")
+    assert inner <= phases["step"] * 1.05 and summary["step_seconds"] >= phases["step"] * 0.95

@@ -151,7 +151,7 @@ def test_print_composed_config_with_seed_defaults():
     result = run_cli("--cfg", "job", "method=cd", cwd=ROOT)
     assert result.returncode == 0, result.stderr
     printed = result.stdout
-    for expected in ["stable-diffusion-v1-5/stable-diffusion-v1-5", "rank: 64", "precision: 16-mixed",
+    for expected in ["stable-diffusion-v1-5/stable-diffusion-v1-5", "rank: 64", "precision: bf16-mixed",
                      "loss: pseudo_huber", "num_pairs: 5000", "batch_size: 8"]:
         assert expected in printed, expected
 

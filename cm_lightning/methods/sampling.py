@@ -28,49 +28,6 @@ def unet_network(unet):
     return lambda x, t, context: unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
 
 
-class CudaGraphNetwork:
-    """``net(x_t, t, context)`` replayed from a captured CUDA graph, one graph per input shape.
-
-    A UNet call at batch 1 is launch-bound (issue 10: 28 ms eager for ~1 ms of arithmetic at 512 px); replaying a
-    graph launches its hundreds of kernels at once. The first call of each shape runs the network twice to warm
-    up and captures it; later calls copy the inputs into the graph's buffers and replay. Off the GPU it calls
-    ``net`` directly. The network must not change between calls (weights are read in place; merged LoRA is fine).
-    """
-
-    def __init__(self, net):
-        self.net = net
-        self.graphs: dict[tuple, tuple] = {}
-        self.pool = None
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cuda":
-            return self.net(x, t, context)
-        key = tuple((tuple(v.shape), v.dtype) for v in (x, t, context))
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(x, t, context)
-        graph, inputs, output = self.graphs[key]
-        for buffer, value in zip(inputs, (x, t, context)):
-            buffer.copy_(value)
-        graph.replay()
-        return output.clone()
-
-    def _capture(self, x, t, context) -> tuple:
-        inputs = (x.clone(), t.clone(), context.clone())
-        # autocast's weight-cast cache must stay out of a capture; the network casts its inputs itself
-        with torch.autocast("cuda", enabled=False):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.net(*inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                output = self.net(*inputs)
-        self.pool = graph.pool()
-        return graph, inputs, output
-
-
 def sampling_timesteps(
     kind: SamplerKind,
     steps: int,
