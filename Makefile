@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 PYTEST ?= $(PYTHON) -m pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all train demo figure teacher evaluate lint clean
+.PHONY: help install test test-all mutants train demo figure teacher evaluate lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -19,6 +19,9 @@ test:  ## the test suite CI runs (CPU, under 15 minutes)
 
 test-all:  ## every test, the slow ones too
 	$(PYTEST) -q
+
+mutants:  ## apply each curated wrong formula to a copy of the package; every one must fail a fast test (docs/mutants.md)
+	$(PYTHON) tools/mutants.py --out docs/mutants.md
 
 train:  ## CD on the tiny random model, CPU, 20 steps (the quickstart)
 	$(PYTHON) -m cm_lightning.train experiment=quickstart

@@ -120,12 +120,17 @@ def ddim_timesteps(
 def curriculum_num_steps(step: int, total_steps: int, start: int, end: int) -> int:
     """iCT's step-doubling curriculum: the solver grid size at training ``step``, doubling from ``start`` to ``end``.
 
-    The number of doublings is ``floor(log2(end / start))``; training time is split evenly among the
-    ``doublings + 1`` stages (iCT: K' = floor(K / (log2(s1/s0) + 1))).
+    The stages are start, 2 start, 4 start, ... and finally ``end`` (the last doubling capped at it): ``d + 1``
+    stages for the d doublings that reach ``end``, d = ceil(log2(end / start)), and training time is split evenly
+    among them. 10 -> 50 over 400 steps: 10, 20, 40, 50 from steps 0, 100, 200, 300. With end / start a power of
+    two this is iCT's K' = floor(K / (log2(s1/s0) + 1)) exactly; flooring the log instead would reach a
+    non-power-of-two end only on the very last step.
     """
     if start >= end:
         return end
-    doublings = int(torch.log2(torch.tensor(end / start)).floor())
+    doublings = 0
+    while start * 2**doublings < end:  # exact integer ceil(log2(end / start))
+        doublings += 1
     stage_length = max(1, total_steps // (doublings + 1))
     return min(start * 2 ** (step // stage_length), end)
 

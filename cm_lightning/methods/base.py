@@ -113,6 +113,7 @@ class ConsistencyModule(LatentTrainingModule):
         if gradient_checkpointing is True:
             unet.enable_gradient_checkpointing()
         self.ema = EmaWeights(self.trainable_parameters(), ema_decay) if target == "ema" else None
+        self._ema_step = 0  # the optimizer step the EMA last saw
         self.null_context: torch.Tensor | None = None  # the empty prompt's embedding, from the datamodule
         self.strict_loading = False  # checkpoints hold the LoRA weights only
         self.step_profiler = None  # set by profiling.StepProfiler while it times a run
@@ -205,6 +206,7 @@ class ConsistencyModule(LatentTrainingModule):
         super().on_fit_start()  # schedule and empty prompt to the device
         if self.ema is not None:
             self.ema.shadow = [s.to(self.device) for s in self.ema.shadow]
+        self._ema_step = self.global_step  # the step the EMA last saw (a resumed run's, on resume)
         self.networks = self.graphed_networks()
 
     def graphed_networks(self) -> dict[str, Callable]:
@@ -242,7 +244,9 @@ class ConsistencyModule(LatentTrainingModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None:
+        # once per optimizer step: under accumulate_grad_batches=k this hook runs k times per step
+        if self.ema is not None and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
             self.ema.update()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

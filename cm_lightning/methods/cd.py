@@ -23,12 +23,17 @@ class TeacherStep:
             raise ValueError(f"need 1 <= method.guidance_min <= method.guidance_max, got {guidance_min}, {guidance_max}")
         self.guidance_min, self.guidance_max = guidance_min, guidance_max
 
+    def draw_guidance(self, batch: int, device: torch.device) -> torch.Tensor | float:
+        """One g per sample ~ U[g_min, g_max] ([batch]), or the float 1.0 (no CFG pass at all) when both are 1."""
+        scale = torch.empty(batch, device=device).uniform_(self.guidance_min, self.guidance_max)
+        return 1.0 if self.guidance_min == self.guidance_max == 1.0 else scale
+
+    def teacher_step(self, x_hi, t_hi, t_lo, context, guidance: torch.Tensor | float) -> torch.Tensor:
+        """x_lo: the frozen teacher's DDIM step from t_hi to t_lo, guided by g (a float or one per sample)."""
+        return ddim_jump(self.teacher(x_hi, t_hi, context, guidance), t_lo, self.schedule)
+
     def previous_point(self, x0, noise, x_hi, t_hi, t_lo, context) -> torch.Tensor:
-        scale = torch.empty(x_hi.shape[0], device=x_hi.device).uniform_(self.guidance_min, self.guidance_max)
-        if self.guidance_min == self.guidance_max == 1.0:
-            scale = 1.0
-        pred = self.teacher(x_hi, t_hi, context, scale)
-        return ddim_jump(pred, t_lo, self.schedule)
+        return self.teacher_step(x_hi, t_hi, t_lo, context, self.draw_guidance(x_hi.shape[0], x_hi.device))
 
 
 class ConsistencyDistillation(TeacherStep, ConsistencyModule):

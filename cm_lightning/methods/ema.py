@@ -34,16 +34,17 @@ class EmaWeights:
 
     @contextmanager
     def swapped(self) -> Iterator[None]:
+        """Through ``.data``: the swap must not bump the parameters' autograd version counters, because the
+        consistency target is computed after the student's forward pass has saved them for its backward pass
+        (the values are restored before that backward runs)."""
         backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for param, shadow in zip(self.params, self.shadow):
-                param.copy_(shadow)
+        for param, shadow in zip(self.params, self.shadow):
+            param.data.copy_(shadow)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for param, saved in zip(self.params, backup):
-                    param.copy_(saved)
+            for param, saved in zip(self.params, backup):
+                param.data.copy_(saved)
 
     def state_dict(self) -> list[torch.Tensor]:
         return self.shadow

@@ -19,12 +19,20 @@ from .table import PromptSet, Row, evaluate_rows, markdown_table, rows_from_conf
 log = logging.getLogger("cm_lightning.shapes.evaluate")
 
 
-def evaluate(cfg: DictConfig) -> Path:
+def table_rows(cfg: DictConfig) -> list[Row]:
+    """The configured rows, then CT-4 once per g of ``ct_guidance_sweep`` (CT is trained with caption dropout, so
+    it can be sampled with CFG, while CD and MCD have the teacher's guidance distilled in); rows without a run
+    are skipped."""
     rows: list[Row] = rows_from_config(OmegaConf.to_container(cfg.rows, resolve=True))
+    rows += [Row(f"CT-4 g={float(g):g}", cfg.runs.ct, 4, float(g)) for g in cfg.get("ct_guidance_sweep") or []]
     skipped = [r.name for r in rows if r.run is None and not r.name.startswith("teacher")]
     if skipped:
         log.warning("no run given for: %s (set runs.*) -- skipped", ", ".join(skipped))
-    rows = [r for r in rows if r.name not in skipped]
+    return [r for r in rows if r.name not in skipped]
+
+
+def evaluate(cfg: DictConfig) -> Path:
+    rows = table_rows(cfg)
     prompt_sets = [PromptSet.from_shapes(name, s.split, cfg.num_prompts, s.seed) for name, s in cfg.prompt_sets.items()]
     device = compute_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, "dtype") if device.type == "cuda" else torch.float32

@@ -48,6 +48,7 @@ class TeacherTraining(LatentTrainingModule):
         self.schedule = schedule
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.null_context: torch.Tensor | None = None
+        self._ema_step = 0  # the optimizer step the EMA last saw
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         # kept out of the module tree so that checkpoints hold the UNet's parameters once
@@ -57,6 +58,10 @@ class TeacherTraining(LatentTrainingModule):
     def exported_unet(self) -> torch.nn.Module:
         """The UNet that ``train`` saves as the new model (``method.uses_lora: false``): the EMA weights."""
         return self.ema_unet
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._ema_step = self.global_step  # the step the EMA last saw (a resumed run's, on resume)
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         kind = self.schedule.prediction_type
@@ -83,6 +88,10 @@ class TeacherTraining(LatentTrainingModule):
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # once per optimizer step: under accumulate_grad_batches=k this hook runs k times per step
+        if self.global_step == self._ema_step:
+            return
+        self._ema_step = self.global_step
         decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))  # warm-up
         self.ema.update(decay)
 

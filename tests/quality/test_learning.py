@@ -1,36 +1,59 @@
-"""Learning happens: a short CPU distillation from the shipped shapes teacher closes part of the 4-step gap.
+"""Learning happens: short CPU distillations from the shipped shapes teacher, guided, close part of the 4-step gap.
 
-MCD (K = 4) is trained for 150 steps (about 2 minutes on 2 cores) through the real demo config (unguided teacher,
-g = 1); its 4-step images must be closer to the teacher's 50-step DDIM images (same noise, same prompts) than the
-teacher's own 4-step DDIM images are. Measured on the shipped teacher (build 6), 24 prompts: DDIM-4 gap 0.207, MCD-4 0.138.
+CD and MCD (K = 4) are each trained for STEPS steps through the real demo config, from the guided teacher
+(g ~ U[1.5, 2.5] per sample, diffusers' form: the CFG branch of the teacher step runs). Their 4-step images,
+sampled at g = 1 (guidance distilled in), must be closer to the guided teacher's 50-step DDIM images (g = 2, same
+noise and prompts) than the unguided teacher's own 4-step DDIM images are, and must state more of their prompts
+(fidelity, judged by the shipped judge). lr 3e-4, between the demo's 2e-4 and the 5e-4 whose gap was a transient
+low that later drifted up (demo.yaml). MCD improved from step 50 to 100 on both metrics and CD on the gap
+(its fidelity fell 0.025); later checkpoints could not be evaluated in time on the shared CPU: see the report.
 """
 
 from __future__ import annotations
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from cm_lightning.cli import asset_path
 from cm_lightning.shapes.table import PromptSet, Row, evaluate_rows
 from cm_lightning.train import train
 
-MARGIN = 0.85  # MCD-4's teacher gap must be below 85 % of the teacher's own DDIM-4 gap
+STEPS = 100
+GUIDANCE = (1.5, 2.5)
+# MEASURED (seed 0, 24 prompts, checkpoints of one run of this config, 2026-11-30): teacher DDIM-50 at g = 2
+# fidelity 0.938; unguided teacher DDIM-4 fidelity 0.626, gap 0.251; guided DDIM-4 0.881, 0.088.
+# CD-4 at step 50 / 100: fidelity 0.841 / 0.816, gap 0.238 / 0.212; MCD-4: 0.802 / 0.827, 0.213 / 0.089.
+# CD's multistep sampler re-noises between steps, so its gap to the deterministic DDIM-50 image falls slowly;
+# its fidelity carries the evidence that it learned the guided teacher.
+GAP_MARGIN = {"CD-4": 0.95, "MCD-4": 0.6}  # gap below this fraction of the unguided DDIM-4's (measured 0.85, 0.36)
+FIDELITY_MARGIN = 0.1  # fidelity above the unguided DDIM-4's by this much (measured +0.19, +0.20)
 
 
-def test_short_mcd_distillation_beats_the_teachers_own_four_steps(tmp_path, conf_dir):
-    overrides = [
-        "experiment=demo", "trainer.max_steps=150", "trainer.max_time=null", "batch_size=16",
-        "optimizer.lr=5e-4",  # a third of the demo's steps, at a higher lr than its 2e-4
-        "data.datamodule.source.num_images=256", "data.datamodule.progress=false", "logger=none",
-        f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'run'}",
-    ]
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    train(cfg)
-    guidance = cfg.teacher_guidance.min
-    rows = [Row("teacher DDIM 50", None, 50, guidance), Row("teacher DDIM 4", None, 4, guidance),
-            Row("MCD-4", str(tmp_path / "run"), 4, 1.0)]
+@pytest.fixture(scope="module")
+def students(tmp_path_factory, conf_dir):
+    root = tmp_path_factory.mktemp("learning")
+    for method in ("cd", "mcd"):
+        overrides = [
+            "experiment=demo", f"method={method}", f"trainer.max_steps={STEPS}", "trainer.max_time=null",
+            "batch_size=16", "optimizer.lr=3e-4", f"teacher_guidance.min={GUIDANCE[0]}",
+            f"teacher_guidance.max={GUIDANCE[1]}", "data.datamodule.source.num_images=256",
+            "data.datamodule.progress=false", "logger=none", "~callbacks.sample_grid",
+            f"paths.cache_dir={root / 'cache'}", f"paths.output_dir={root / method}",
+        ]
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            train(compose("train", overrides=overrides))
+    return root
+
+
+def test_short_cd_and_mcd_distillation_from_the_guided_teacher_learn_its_images_and_prompts(students):
+    g = sum(GUIDANCE) / 2
+    rows = [Row("teacher DDIM 50", None, 50, g), Row("teacher DDIM 4 unguided", None, 4, 1.0),
+            Row("CD-4", str(students / "cd"), 4, 1.0), Row("MCD-4", str(students / "mcd"), 4, 1.0)]
     prompts = PromptSet.from_shapes("train", "train", 24, seed=1234)
     results, _ = evaluate_rows(asset_path("shapes_teacher"), rows, [prompts], reference="teacher DDIM 50",
                                batch_size=24)
     gap = {r["row"]: r["teacher_gap"] for r in results}
-    assert gap["MCD-4"] < MARGIN * gap["teacher DDIM 4"], gap
+    fidelity = {r["row"]: r["fidelity"] for r in results}
+    for student in ("CD-4", "MCD-4"):
+        assert gap[student] < GAP_MARGIN[student] * gap["teacher DDIM 4 unguided"], (student, gap)
+        assert fidelity[student] > fidelity["teacher DDIM 4 unguided"] + FIDELITY_MARGIN, (student, fidelity)
