@@ -27,11 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("cm_lightning", "conf", "tests", "pyproject.toml")
 
-DIFF = "tests/test_diffusion.py::"
+DIFF = "tests/unit/test_diffusion.py::"
 STEPS = "tests/unit/test_method_steps.py::"
 OPTIONS = "tests/unit/test_training_options.py::"
 EXPORT = "tests/unit/test_export_grids.py::"
-PARITY = "tests/test_export_parity.py::"
+PARITY = "tests/integration/test_export_parity.py::"
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,9 @@ MUTANTS = [
     Mutant("MCD boundary always 0", "cm_lightning/methods/mcd.py",
            "return boundary_of(t_lo, self.edges)", "return torch.zeros_like(t_lo)",
            (STEPS + "test_mcd_boundary_is_the_left_edge_of_the_pairs_segment",)),
-    Mutant("exported scheduler without original_inference_steps", "cm_lightning/export.py",
-           "cls.from_config(base_config, original_inference_steps=info.num_solver_steps)",
-           "cls.from_config(base_config)",
+    Mutant("exported scheduler without original_inference_steps", "cm_lightning/methods/sampler_table.py",
+           'return {"original_inference_steps": options.get("num_solver_steps", 50)}',
+           "return {}",
            (EXPORT + "test_cd_export_on_a_25_step_grid_reproduces_our_sampler_with_guidance",)),
     Mutant("guidance drawn as w (LCM's form) instead of g = w + 1", "cm_lightning/methods/cd.py",
            ".uniform_(self.guidance_min, self.guidance_max)", ".uniform_(self.guidance_min - 1, self.guidance_max - 1)",
@@ -100,7 +100,7 @@ MUTANTS = [
     Mutant("empty-prompt embedding replaced by zeros in the latent cache", "cm_lightning/data/cache.py",
            'null = self.encoders.encode_prompts([""])[0].to("cpu", torch.float16).contiguous()',
            'null = torch.zeros_like(self.encoders.encode_prompts([""])[0]).to("cpu", torch.float16).contiguous()',
-           ("tests/test_cache.py::test_build_loads_everything_then_reuses_without_encoding",)),
+           ("tests/unit/test_cache.py::test_build_loads_everything_then_reuses_without_encoding",)),
     Mutant("unguided teacher (g = 1) but guidance drawn anyway", "cm_lightning/methods/cd.py",
            "return 1.0 if self.guidance_min == self.guidance_max == 1.0 else scale", "return scale",
            (STEPS + "test_unguided_teacher_step_is_the_conditional_teacher_alone",)),
@@ -108,8 +108,8 @@ MUTANTS = [
            "        with adapters_disabled(self.unet):\n            return Denoiser(",
            "        if True:\n            return Denoiser(",
            (STEPS + "test_teacher_step_is_ddim_scheduler_step_on_guided_teacher",)),
-    Mutant("CT caption dropout inverted (drops 1 - p)", "cm_lightning/methods/ct.py",
-           "device=context.device) < self.caption_dropout", "device=context.device) > self.caption_dropout",
+    Mutant("CT caption dropout inverted (drops 1 - p)", "cm_lightning/diffusion/parameterization.py",
+           "device=context.device) < probability", "device=context.device) > probability",
            (STEPS + "test_ct_caption_dropout_swaps_in_the_empty_prompt",)),
     # ---- square roots of alpha-bar and the parameterizations
     Mutant("sigma_t = 1 - alpha-bar (square root dropped)", "cm_lightning/diffusion/schedule.py",
@@ -162,8 +162,9 @@ MUTANTS = [
     Mutant("multistep sampler re-noises to the current t", "cm_lightning/diffusion/samplers.py",
            "next_t = torch.full_like(t_batch, steps[i + 1])", "next_t = t_batch",
            (DIFF + "test_sample_multistep_matches_lcm_scheduler",)),
-    Mutant("MCD exported with LCMScheduler", "cm_lightning/export.py",
-           'cls = TCDScheduler if info.sampler == "edge_jumps" else LCMScheduler', "cls = LCMScheduler",
+    Mutant("MCD exported with LCMScheduler", "cm_lightning/methods/sampler_table.py",
+           'scheduler="TCDScheduler", records=("num_solver_steps", "edges")',
+           'scheduler="LCMScheduler", records=("num_solver_steps", "edges")',
            (PARITY + "test_mcd_export_reproduces_our_edge_jumps_with_tcd_scheduler",)),
     # ---- LoRA
     Mutant("lora_alpha ignored in training (scale 1)", "cm_lightning/models/lora.py",
@@ -173,11 +174,11 @@ MUTANTS = [
     Mutant("target EMA updated every micro-batch", "cm_lightning/methods/base.py",
            "if self.ema is not None and self.global_step != self._ema_step:", "if self.ema is not None:",
            (OPTIONS + "test_consistency_ema_updates_once_per_optimizer_step",)),
-    Mutant("teacher EMA updated every micro-batch", "cm_lightning/methods/teacher.py",
+    Mutant("teacher EMA updated every micro-batch", "cm_lightning/shapes/teacher.py",
            "if self.global_step == self._ema_step:\n            return", "if False:\n            return",
            (OPTIONS + "test_teacher_ema_updates_once_per_optimizer_step",)),
     Mutant("EMA moves by decay instead of 1 - decay", "cm_lightning/methods/ema.py",
-           "[p.detach() for p in self.params], 1.0 - self.decay)", "[p.detach() for p in self.params], self.decay)",
+           "[p.detach() for p in self.params], 1.0 - decay)", "[p.detach() for p in self.params], decay)",
            (OPTIONS + "test_ema_moves_a_fraction_one_minus_decay_towards_the_weights",)),
     Mutant("EMA swap in place on the autograd-tracked weights", "cm_lightning/methods/ema.py",
            "            param.data.copy_(shadow)", "            param.detach().copy_(shadow)",
