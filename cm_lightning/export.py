@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from .cli import one_line_errors
+from .cli import checked_command_line, one_line_errors
 from .errors import UserError
 from .pipeline import RunInfo, apply_trained_lora, resolve_run_folder
 
@@ -99,6 +99,7 @@ def export_run(run: str | Path, out: str | Path, *, base_model: str | None = Non
     return out
 
 
+@checked_command_line("export")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 @one_line_errors
 def main(cfg: DictConfig) -> None:

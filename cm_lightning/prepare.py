@@ -9,11 +9,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from .cli import build, compute_device, load_model, one_line_errors, parse_dtype
+from .cli import build, checked_command_line, compute_device, load_model, one_line_errors, parse_dtype
+from .config_check import check_train_config
 from .models.encoders import FrozenEncoders
 
 
 def prepare(cfg: DictConfig) -> str:
+    check_train_config(cfg)  # before any weights are read
     components = load_model(cfg.model)
     encoders = FrozenEncoders.from_components(
         components, device=compute_device(cfg.trainer.accelerator),
@@ -25,6 +27,7 @@ def prepare(cfg: DictConfig) -> str:
     return f"{summary}\n{datamodule.cache.path}"
 
 
+@checked_command_line("train")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @one_line_errors
 def main(cfg: DictConfig) -> None:

@@ -17,7 +17,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from .cli import build, compute_device, load_model, one_line_errors, parse_dtype
+from .cli import build, checked_command_line, compute_device, load_model, one_line_errors, parse_dtype
+from .config_check import check_train_config
 from .diffusion.schedule import NoiseSchedule
 from .errors import UserError
 from .models.encoders import FrozenEncoders
@@ -63,14 +64,15 @@ def run_info(cfg: DictConfig, module) -> RunInfo:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job from a composed config; returns the final logged metrics."""
+    check_train_config(cfg)  # before any weights are read
     L.seed_everything(cfg.seed, workers=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on tensor cores
+    datamodule = build(cfg.data.datamodule)  # checks the data's paths before any weights are read
     components = load_model(cfg.model)
     device = compute_device(cfg.trainer.accelerator)
     encoders = FrozenEncoders.from_components(
         components, device=device, dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype")
     )
-    datamodule = build(cfg.data.datamodule)
     datamodule.attach_encoders(encoders)
     module = build_module(cfg, components)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -101,6 +103,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
+@checked_command_line("train")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
