@@ -22,9 +22,12 @@ from .config_check import check_train_config
 from .diffusion.schedule import NoiseSchedule
 from .errors import UserError
 from .models.encoders import FrozenEncoders
+from .methods.guards import RunState
 from .methods.teacher import TeacherTraining
 from .models.components import save_model_folder
-from .models.lora import save_lora_diffusers
+from .models.lora import lora_state_dict, save_lora_diffusers
+from .outputs import (check_finite, check_resume_identity, refuse_overwrite, resolve_ckpt_path, run_identity,
+                      whole_folder)
 from .pipeline import RunInfo
 
 log = logging.getLogger("cm_lightning.train")
@@ -65,6 +68,11 @@ def run_info(cfg: DictConfig, module) -> RunInfo:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job from a composed config; returns the final logged metrics."""
     check_train_config(cfg)  # before any weights are read
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    refuse_overwrite(output_dir, ckpt_path)
+    if ckpt_path:
+        check_resume_identity(ckpt_path, run_identity(cfg))
     L.seed_everything(cfg.seed, workers=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on tensor cores
     datamodule = build(cfg.data.datamodule)  # checks the data's paths before any weights are read
@@ -83,10 +91,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if "_target_" in c]
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks.append(RunState(run_identity(cfg)))
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
-    output_dir = Path(cfg.paths.output_dir)
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
         if isinstance(module, TeacherTraining):  # a whole new model: the base folder with the EMA UNet
@@ -94,12 +102,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             OmegaConf.save(cfg, folder / "train_config.yaml", resolve=True)
             log.info("model written to %s", folder)
         else:
-            lora_dir = output_dir / "lora"
-            with module.weights_for_export():
+            with whole_folder(output_dir / "lora") as lora_dir, module.weights_for_export():
+                check_finite(lora_state_dict(components.unet), "the LoRA")
                 save_lora_diffusers(components.unet, lora_dir)
-            run_info(cfg, module).write(lora_dir)
-            OmegaConf.save(cfg, lora_dir / "train_config.yaml", resolve=True)
-            log.info("LoRA weights written to %s", lora_dir)
+                run_info(cfg, module).write(lora_dir)
+                OmegaConf.save(cfg, lora_dir / "train_config.yaml", resolve=True)
+            log.info("LoRA weights written to %s", output_dir / "lora")
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

@@ -14,6 +14,7 @@ from cm_lightning.config_check import check_command_line, check_device
 from cm_lightning.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["model=tiny", "data=shapes", "trainer=cpu"]
 
 
