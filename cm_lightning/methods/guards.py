@@ -6,8 +6,10 @@ Added by ``cm_lightning.train`` to every run (not a config choice: ``callbacks=n
 from __future__ import annotations
 
 import lightning as L
+import torch
 
-from ..outputs import IDENTITY_KEY
+from ..errors import UserError
+from ..outputs import IDENTITY_KEY, check_finite
 
 
 class RunState(L.Callback):
@@ -18,3 +20,92 @@ class RunState(L.Callback):
 
     def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         checkpoint[IDENTITY_KEY] = dict(self.identity)
+
+
+class NonFiniteTraining(UserError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class NonFiniteSteps(L.Callback):
+    """Skip every optimizer step whose loss or gradient is non-finite, count them, and stop after
+    ``max_consecutive`` in a row. No host sync on the hot path: the flags and counters live on the device.
+
+    The skip is exact (parameters and optimizer state untouched): a fused optimizer (``AdamW(fused=True)``, the
+    default here) is handed the flag as ``found_inf``, the protocol GradScaler uses, and skips on the device; under
+    16-mixed the GradScaler skips non-finite gradients itself (a non-finite loss poisons the gradients so it does).
+    Any other optimizer falls back to one sync per step: its gradients are dropped, so it skips those parameters.
+    The counters are read at logging steps (``trainer.log_every_n_steps``) and when training ends; a checkpoint
+    with a non-finite trainable tensor is refused, so it is never written.
+    """
+
+    def __init__(self, max_consecutive: int = 10):
+        if max_consecutive < 1:
+            raise UserError(f"max_nonfinite_steps={max_consecutive} must be >= 1")
+        self.max_consecutive = max_consecutive
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def _counters(self, device) -> dict[str, torch.Tensor]:
+        if self._state is None:
+            zero = torch.zeros((), dtype=torch.long, device=device)
+            self._state = {"loss_bad": torch.zeros((), dtype=torch.bool, device=device), "total": zero.clone(),
+                           "run": zero.clone(), "run_start": zero.clone(), "last_was_loss": zero.clone()}
+        return self._state
+
+    def on_before_backward(self, trainer, module, loss) -> None:
+        state = self._counters(loss.device)
+        state["loss_bad"] |= ~torch.isfinite(loss.detach())  # several micro-batches under accumulation
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        state = self._counters(grads[0].device)
+        loss_bad = state["loss_bad"].to(grads[0].device)
+        bad = loss_bad | ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # GradScaler skips steps with non-finite gradients: make a bad loss one of them
+            torch._foreach_mul_(grads, torch.where(loss_bad, float("nan"), 1.0).to(grads[0].dtype))
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):  # fused: skipped on the device
+            optimizer.found_inf, optimizer.grad_scale = bad.float(), None
+        elif bool(bad):  # the fallback's one sync: params without a gradient are left alone by the optimizer
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        step = torch.as_tensor(trainer.global_step, device=bad.device)
+        state["total"] += bad
+        state["run"] = (state["run"] + 1) * bad
+        state["run_start"] = torch.where(state["run"] == 1, step, state["run_start"])
+        state["last_was_loss"] = loss_bad.long()
+        state["loss_bad"] = torch.zeros_like(state["loss_bad"])
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        for optimizer in trainer.optimizers:
+            if getattr(optimizer, "found_inf", None) is not None and getattr(trainer.precision_plugin, "scaler",
+                                                                              None) is None:
+                del optimizer.found_inf, optimizer.grad_scale
+        if self._state is None:
+            return
+        module.log("train/nonfinite_steps", self._state["total"].float())  # a device tensor: read when logged
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self.check(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        if self._state is not None:
+            self.check(trainer, module)
+
+    def check(self, trainer, module) -> None:
+        """Stop the run when the last ``max_consecutive`` optimizer steps were all skipped (one sync)."""
+        run = int(self._state["run"])
+        if run < self.max_consecutive:
+            return
+        start, was_loss = int(self._state["run_start"]), bool(self._state["last_was_loss"])
+        what = "loss" if was_loss else "gradient"
+        precision = str(trainer.precision)
+        cause = ("fp16 overflow: try trainer.precision=bf16-mixed" if precision.startswith("16")
+                 else "a learning rate too high for this run (optimizer.lr) or a bad batch")
+        raise NonFiniteTraining(f"stopped at step {trainer.global_step}: the last {run} optimizer steps (from step "
+                                f"{start}) had a non-finite {what} and were skipped; likely cause: {cause}")
+
+    def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        check_finite({n: p for n, p in module.named_parameters() if p.requires_grad},
+                     f"a checkpoint at step {trainer.global_step}")
