@@ -8,18 +8,51 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from .. import rng
 from ..errors import UserError
 from ..outputs import IDENTITY_KEY, check_finite
 
 
 class RunState(L.Callback):
-    """Writes the run's identity (method, model, LoRA rank, K) into every checkpoint, for the resume check."""
+    """What every checkpoint carries beyond Lightning's own state, so that a resumed run is the run that was
+    interrupted: the run identity (method, model, LoRA rank, K: checked before resuming), every random generator,
+    and the data position (epoch, batches already trained in it), from which the datamodule's
+    :class:`~cm_lightning.data.datamodule.ResumableSampler` starts mid-epoch."""
 
     def __init__(self, identity: dict):
         self.identity = identity
+        self.epoch, self.batches = 0, 0  # batches of `epoch` already trained
+        self.resume_at: tuple[int, int] | None = None
+
+    def on_train_start(self, trainer, module) -> None:
+        # after the loader is built, before its first iteration; Lightning skips on_train_epoch_start when it
+        # restarts mid-epoch, so the resumed epoch is set up here
+        sampler = getattr(trainer.datamodule, "sampler", None)
+        if self.resume_at is not None and self.resume_at[0] == trainer.current_epoch:
+            self.epoch, self.batches = self.resume_at
+            if sampler is not None:
+                sampler.skip_batches(self.batches)
+        self.resume_at = None
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.epoch, self.batches = trainer.current_epoch, 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.batches += 1  # before ModelCheckpoint's save (Lightning runs checkpoint callbacks last)
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self.epoch, self.batches = trainer.current_epoch + 1, 0
 
     def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         checkpoint[IDENTITY_KEY] = dict(self.identity)
+        checkpoint["rng"] = rng.capture()
+        checkpoint["data_position"] = {"epoch": self.epoch, "batches": self.batches}
+
+    def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        if "rng" in checkpoint:
+            rng.restore(checkpoint["rng"])
+        if "data_position" in checkpoint:
+            self.resume_at = (checkpoint["data_position"]["epoch"], checkpoint["data_position"]["batches"])
 
 
 class NonFiniteTraining(UserError):
