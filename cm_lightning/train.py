@@ -22,7 +22,7 @@ from .config_check import check_train_config
 from .diffusion.schedule import NoiseSchedule
 from .errors import UserError
 from .models.encoders import FrozenEncoders
-from .methods.guards import NonFiniteSteps, RunState
+from .methods.guards import NonFiniteSteps, RunState, StepSeeds
 from .methods.teacher import TeacherTraining
 from .models.components import save_model_folder
 from .models.lora import lora_state_dict, save_lora_diffusers
@@ -91,7 +91,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if "_target_" in c]
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    callbacks += [RunState(run_identity(cfg)), NonFiniteSteps(cfg.max_nonfinite_steps)]
+    callbacks += [RunState(run_identity(cfg)), StepSeeds(cfg.seed), NonFiniteSteps(cfg.max_nonfinite_steps)]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -83,10 +81,3 @@ def test_gpu_asked_for_on_a_cpu_machine(monkeypatch):
     with pytest.raises(UserError, match="no CUDA device"):
         check_device("gpu", "16-mixed")
     check_device("cpu", "bf16-mixed")  # Lightning runs bf16 autocast on the CPU
-
-
-def test_the_command_line_says_one_line_and_exits_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "cm_lightning.train", "method=foo", f"hydra.run.dir={tmp_path}"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: method=foo: no such method; choose one of: cd, ct, mcd, teacher"

@@ -55,6 +55,21 @@ class RunState(L.Callback):
             self.resume_at = (checkpoint["data_position"]["epoch"], checkpoint["data_position"]["batches"])
 
 
+class StepSeeds(L.Callback):
+    """Seed the training randomness (timesteps, noise, guidance draws) of every micro-batch from (seed, optimizer
+    step, shard), where shard = rank * accumulate_grad_batches + micro-batch. R ranks at batch b then draw exactly
+    what one process at batch b with R-fold gradient accumulation draws, on the same data (the sampler shards the
+    same way): DDP and accumulation give the same LoRA, and a resumed step draws what it drew before."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        accumulate = trainer.accumulate_grad_batches
+        shard = trainer.global_rank * accumulate + batch_idx % accumulate
+        torch.manual_seed(((self.seed * 1_000_003 + trainer.global_step) * 65_537 + shard) % 2**63)
+
+
 class NonFiniteTraining(UserError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
