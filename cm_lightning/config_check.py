@@ -125,8 +125,7 @@ def check_device(accelerator: str, precision: str | int, devices=1) -> None:
         raise UserError(f"trainer.devices={devices} but {torch.cuda.device_count()} CUDA devices are visible")
     if not on_gpu and precision.startswith("16"):
         raise UserError(f"trainer.precision={precision} needs a CUDA GPU; on the CPU use 32-true or bf16-mixed")
-    if on_gpu and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
-        raise UserError(f"trainer.precision={precision}: this GPU has no bfloat16; use 16-mixed")
+    # bf16 on a GPU without it falls back to 16-mixed in train.supported_precision (a warning, not an error)
 
 
 def check_boundaries(cfg: DictConfig) -> None:

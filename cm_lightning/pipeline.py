@@ -16,10 +16,11 @@ import torch
 from .diffusion.samplers import Conditioning
 from .diffusion.schedule import NoiseSchedule
 from .errors import UserError
-from .methods.sampling import SamplerKind, generate_latents
+from .methods.cuda_graphs import CudaGraphNetwork
+from .methods.sampling import SamplerKind, generate_latents, unet_network
 from .models.components import SDComponents
 from .models.encoders import FrozenEncoders
-from .models.lora import ADAPTER, add_lora, load_lora_state_dict
+from .models.lora import ADAPTER, add_lora, load_lora_state_dict, merge_adapter
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,11 @@ class Drawer:
     steps_offset: int = 1
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    cuda_graphs: bool = True  # on a GPU, replay each UNet call from a captured CUDA graph (launch-bound at batch 1)
+
+    def __post_init__(self) -> None:
+        network = unet_network(self.unet)
+        self.network = CudaGraphNetwork(network) if self.cuda_graphs and self.device.type == "cuda" else network
 
     @classmethod
     def from_components(
@@ -148,6 +154,7 @@ class Drawer:
                     self.unet, self.schedule, self.sampler, x, Conditioning(context, null, guidance_scale),
                     steps=steps, generator=batch_generator, num_solver_steps=self.num_solver_steps,
                     edges=self.edges, timestep_spacing=self.timestep_spacing, steps_offset=self.steps_offset,
+                    network=self.network,
                 )
             out.append(latents.float().cpu())
         return torch.cat(out)
@@ -167,15 +174,24 @@ class Drawer:
 
 def load_drawer(
     components: SDComponents, run: str | Path | None, *, device="cpu", dtype=torch.float32,
-    encoder_dtype=torch.float32,
+    encoder_dtype=torch.float32, merge_lora: bool = True, cuda_graphs: bool = True,
 ) -> tuple[Drawer, RunInfo | None]:
-    """The teacher (``run`` None: DDIM with adapters absent) or a trained student (its run folder or checkpoint)."""
+    """The teacher (``run`` None: DDIM with adapters absent) or a trained student (its run folder or checkpoint).
+
+    ``merge_lora`` folds the LoRA into the UNet's weights once (in the drawing dtype), so a student call costs
+    what a base UNet call costs; ``cuda_graphs`` replays the UNet calls from CUDA graphs on a GPU.
+    """
     if run is None:
-        return Drawer.from_components(components, "ddim", device=device, dtype=dtype, encoder_dtype=encoder_dtype), None
+        drawer = Drawer.from_components(components, "ddim", device=device, dtype=dtype, encoder_dtype=encoder_dtype,
+                                        cuda_graphs=cuda_graphs)
+        return drawer, None
     info = apply_trained_lora(components.unet, run)
     edges = torch.tensor(info.edges) if info.edges is not None else None
+    if merge_lora:
+        components.unet.to(device=device, dtype=dtype)
+        merge_adapter(components.unet)
     drawer = Drawer.from_components(
         components, info.sampler, device=device, dtype=dtype, encoder_dtype=encoder_dtype,
-        num_solver_steps=info.num_solver_steps, edges=edges,
+        num_solver_steps=info.num_solver_steps, edges=edges, cuda_graphs=cuda_graphs,
     )
     return drawer, info

@@ -6,6 +6,8 @@ loads only the frozen VAE and text encoder, and encodes on the GPU when there is
 
 from __future__ import annotations
 
+import time
+
 import hydra
 from omegaconf import DictConfig
 
@@ -23,8 +25,10 @@ def prepare(cfg: DictConfig) -> str:
     )
     datamodule = build(cfg.data.datamodule)
     datamodule.attach_encoders(encoders)
+    started = time.perf_counter()
     summary = datamodule.cache.build()
-    return f"{summary}\n{datamodule.cache.path}"
+    seconds = time.perf_counter() - started
+    return f"{summary}\nbuilt in {seconds:.1f} s\n{datamodule.cache.path}"
 
 
 @checked_command_line("train")

@@ -65,6 +65,14 @@ def run_info(cfg: DictConfig, module) -> RunInfo:
     )
 
 
+def supported_precision(precision: str, device: torch.device) -> str:
+    """``bf16-mixed`` on a GPU without bf16 (T4, V100) becomes ``16-mixed`` (fp16 with loss scaling), said once."""
+    if precision.startswith("bf16") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("trainer.precision=%s: this GPU has no bf16; training in 16-mixed (fp16 + loss scaling)", precision)
+        return "16-mixed"
+    return precision
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job from a composed config; returns the final logged metrics."""
     check_train_config(cfg)  # before any weights are read
@@ -92,7 +100,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks += [RunState(run_identity(cfg)), StepSeeds(cfg.seed), NonFiniteSteps(cfg.max_nonfinite_steps)]
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    precision = supported_precision(str(cfg.trainer.precision), device)
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")

@@ -48,14 +48,14 @@ def pipeline(tiny_sd_path, scheduler) -> StableDiffusionPipeline:
 
 
 def ours(tiny_sd_path, run, **draw):
-    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run)
+    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run, merge_lora=False)
     return drawer, drawer.draw_latents(PROMPTS, **draw)
 
 
 def test_cd_export_reproduces_our_multistep_sampler_with_lcm_scheduler(tiny_sd_path, trained_run, tmp_path):
     run = trained_run("multistep")
     exported = export_run(run, tmp_path / "export")
-    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run)
+    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run, merge_lora=False)
     noise = drawer.noise(len(PROMPTS), seed=3)
     mine = drawer.draw_latents(PROMPTS, steps=4, noise=noise, generator=torch.Generator().manual_seed(7))
 
@@ -75,7 +75,7 @@ def test_mcd_export_reproduces_our_edge_jumps_with_tcd_scheduler(tiny_sd_path, t
     edges = segment_edges(solver_grid(1000, 50), 4).tolist()
     run = trained_run("edge_jumps", edges)
     exported = export_run(run, tmp_path / "export")
-    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run)
+    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run, merge_lora=False)
     noise = drawer.noise(len(PROMPTS), seed=5)
     mine = drawer.draw_latents(PROMPTS, steps=4, noise=noise)
 
@@ -105,6 +105,6 @@ def test_mcd_sampler_refuses_a_step_count_that_does_not_fit_the_edges(tiny_sd_pa
     from cm_lightning.errors import UserError
 
     run = trained_run("edge_jumps", [0, 259, 519, 779])
-    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run)
+    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run, merge_lora=False)
     with pytest.raises(UserError, match="samples in exactly 4 steps"):
         drawer.draw_latents(PROMPTS, steps=2)

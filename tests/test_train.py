@@ -65,7 +65,7 @@ def test_defaults_are_the_seeds_setup(tmp_path):
     assert cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5" and cfg.model.resolution == 512
     assert cfg.batch_size == 8 and cfg.data.datamodule.batch_size == 8 and cfg.data.datamodule.source.num_pairs == 5000
     assert cfg.lora.rank == 64 and cfg.lora.alpha == 64
-    assert cfg.trainer.precision == "16-mixed" and cfg.method.module.gradient_checkpointing is True
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.method.module.gradient_checkpointing == "auto"
     assert cfg.method.module.loss == "pseudo_huber" and cfg.method.module.huber_c == 0.001
     assert cfg.solver.num_timesteps == 50 and cfg.method.module.num_solver_steps == 50
 
@@ -151,7 +151,7 @@ def test_print_composed_config_with_seed_defaults():
     result = run_cli("--cfg", "job", "method=cd", cwd=ROOT)
     assert result.returncode == 0, result.stderr
     printed = result.stdout
-    for expected in ["stable-diffusion-v1-5/stable-diffusion-v1-5", "rank: 64", "precision: 16-mixed",
+    for expected in ["stable-diffusion-v1-5/stable-diffusion-v1-5", "rank: 64", "precision: bf16-mixed",
                      "loss: pseudo_huber", "num_pairs: 5000", "batch_size: 8"]:
         assert expected in printed, expected
 

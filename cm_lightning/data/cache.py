@@ -28,7 +28,7 @@ import json
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,9 @@ class _Encoded:
     captions: list[str]
     keys: list[str]
     bad: list[tuple[str, str]]  # (key, reason)
+
+    def pin_memory(self) -> "_Encoded":  # the DataLoader's pin_memory=True calls this: async copies to the GPU
+        return replace(self, pixels=self.pixels.pin_memory()) if self.pixels.numel() else self
 
 
 class _SourceImages(Dataset):
@@ -310,7 +313,8 @@ class LatentCache:
                         for i in range(start, stop, self.encode_batch_size)]
             last_batch_of[len(batches) - 1] = shard
         loader = DataLoader(_SourceImages(self.source, self.resolution), batch_sampler=batches,
-                            num_workers=self.num_workers, collate_fn=_collate)
+                            num_workers=self.num_workers, collate_fn=_collate,
+                            pin_memory=self.encoders.device.type == "cuda")
         h = self.resolution // self.encoders.vae_scale
         metas, parts = {}, []
         bar = tqdm(total=sum(len(b) for b in batches), desc=f"encoding {self.source.name}", unit="img",
@@ -318,7 +322,7 @@ class LatentCache:
         with torch.no_grad(), bar:
             for b, batch in enumerate(loader):
                 if batch.indices:
-                    mean, std = self.encoders.encode_images(batch.pixels.to(self.encoders.device))
+                    mean, std = self.encoders.encode_images(batch.pixels)
                     text = self.encoders.encode_prompts(batch.captions)
                     if mean.shape[1:] != (4, h, h) or std.shape != mean.shape or text.shape[0] != len(mean):
                         raise RuntimeError(

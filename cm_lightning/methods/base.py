@@ -8,7 +8,7 @@ function (:meth:`consistency`) and the boundary a pair maps to (:meth:`boundary`
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any, Callable, Iterator
 
@@ -21,13 +21,28 @@ from ..diffusion.losses import make_loss
 from ..diffusion.parameterization import Prediction
 from ..diffusion.samplers import Conditioning
 from ..diffusion.schedule import NoiseSchedule
-from ..models.lora import adapters_disabled, add_lora, cast_for_training
+from ..models.lora import LORA_FORWARDS, adapters_disabled, add_lora, cast_for_training, use_merged_lora_forward
 from .ema import EmaWeights
+from .cuda_graphs import CudaGraphNetwork, GraphedStudent
 from .sampling import SamplerKind, generate_latents, unet_network
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 
 _HALF_DTYPES = {"16": torch.float16, "bf16": torch.bfloat16}
+# gradient_checkpointing='auto' switches it off on GPUs this large: SD1.5 at batch 8 trains in about 16 GiB without
+# it (benchmarks/speed.md), and recomputing every block costs about a third of the step.
+AUTO_CHECKPOINTING_GIB = 40
+
+
+def compile_unet_blocks(unet: torch.nn.Module) -> int:
+    """``torch.compile`` every transformer and ResNet block in place; returns how many (regional compilation)."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    blocks = [m for m in unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 class ConsistencyModule(L.LightningModule):
@@ -42,7 +57,15 @@ class ConsistencyModule(L.LightningModule):
         num_solver_steps: N, the DDIM solver grid size (skip k = T // N).
         loss: 'pseudo_huber' (c = ``huber_c``), 'pseudo_huber_norm' (iCT) or 'l2'.
         target: 'student' (the student itself under no-grad, as LCM-LoRA) or 'ema' (an EMA of the LoRA weights).
-        gradient_checkpointing: trade compute for memory in the UNet.
+        gradient_checkpointing: trade compute for memory in the UNet: True, False, or 'auto' (on unless the
+            GPU has at least ``AUTO_CHECKPOINTING_GIB`` of memory; off on the CPU, where memory is not the limit).
+        lora_forward: 'merged' (each LoRA layer runs as one op on W + scale B A: same function and gradients,
+            about half the time at SD1.5 size) or 'peft' (peft's own unmerged forward).
+        compile_blocks: ``torch.compile`` each transformer and ResNet block of the UNet (regional compilation:
+            blocks of one shape share their compiled code, so compiling takes far less than the whole UNet).
+        cuda_graphs: on one GPU, replay the teacher, the target and the student's forward and backward from CUDA
+            graphs (the eager UNet at SD1.5 size and batch 8 is bound by the host, not the GPU). Off under gradient
+            checkpointing (memory first), DDP and an EMA target; anywhere else it falls back to eager by itself.
         sample_steps: default number of steps for this method's sampler.
     """
 
@@ -61,13 +84,18 @@ class ConsistencyModule(L.LightningModule):
         huber_c: float | None = 0.001,
         target: str = "student",
         ema_decay: float = 0.95,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | str = "auto",
+        lora_forward: str = "merged",
+        compile_blocks: bool = False,
+        cuda_graphs: bool = True,
         sample_steps: int = 4,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "schedule", "optimizer", "lr_scheduler"])
         if target not in ("student", "ema"):
             raise ValueError(f"method.target={target!r} is not one of 'student', 'ema'")
+        if lora_forward not in LORA_FORWARDS:
+            raise ValueError(f"method.lora_forward={lora_forward!r} is not one of {', '.join(LORA_FORWARDS)}")
         self.unet = unet
         self.schedule = schedule
         self.optimizer_factory = optimizer
@@ -75,11 +103,24 @@ class ConsistencyModule(L.LightningModule):
         self.grid = solver_grid(schedule.num_train_timesteps, num_solver_steps)
         self.loss_fn = make_loss(loss, huber_c)
         self.num_trainable = add_lora(unet, **lora)
-        if gradient_checkpointing:
+        if lora_forward == "merged":
+            use_merged_lora_forward(unet)
+        self.compile_blocks = compile_blocks
+        self.cuda_graphs = cuda_graphs
+        self.networks: dict[str, Callable] = {}  # per role (student, teacher, target): graph-replayed UNet calls
+        if gradient_checkpointing not in (True, False, "auto"):
+            raise ValueError(f"method.gradient_checkpointing={gradient_checkpointing!r} is not true, false or 'auto'")
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing is True:
             unet.enable_gradient_checkpointing()
         self.ema = EmaWeights(self.trainable_parameters(), ema_decay) if target == "ema" else None
         self.null_context: torch.Tensor | None = None  # the empty prompt's embedding, from the datamodule
         self.strict_loading = False  # checkpoints hold the LoRA weights only
+        self.step_profiler = None  # set by profiling.StepProfiler while it times a run
+
+    def phase(self, name: str):
+        """Marks a phase of the training step for the step profiler (a no-op unless one is attached)."""
+        return nullcontext() if self.step_profiler is None else self.step_profiler.phase(name)
 
     # ------------------------------------------------------------------ the three seams of a method
     def previous_point(
@@ -101,14 +142,19 @@ class ConsistencyModule(L.LightningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
-    def student(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> Prediction:
-        return Denoiser(unet_network(self.unet), self.schedule)(x_t, t, context)
+    def network(self, role: str) -> Callable:
+        """The UNet as ``net(x_t, t, context)`` for ``role`` ('student', 'teacher', 'target'): a CUDA-graph replay
+        when :meth:`on_fit_start` set one up, else the plain call."""
+        return self.networks.get(role) or unet_network(self.unet)
+
+    def student(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, role: str = "student") -> Prediction:
+        return Denoiser(self.network(role), self.schedule)(x_t, t, context)
 
     @torch.no_grad()
     def teacher(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance_scale) -> Prediction:
         """The frozen base model (adapters switched off: no second copy of the weights), with CFG."""
         with adapters_disabled(self.unet):
-            return Denoiser(unet_network(self.unet), self.schedule)(
+            return Denoiser(self.network("teacher"), self.schedule)(
                 x_t, t, context, guidance_scale=guidance_scale, null_context=self.null_context
             )
 
@@ -132,7 +178,7 @@ class ConsistencyModule(L.LightningModule):
         """Stop-gradient target f(x_lo, t_lo); exactly x_lo where t_lo is already on the boundary."""
 
         def evaluate() -> torch.Tensor:
-            return self.consistency(x_lo, t_lo, self.student(x_lo, t_lo, context), boundary)
+            return self.consistency(x_lo, t_lo, self.student(x_lo, t_lo, context, role="target"), boundary)
 
         if self.ema is not None:
             with self.ema.swapped():
@@ -151,6 +197,12 @@ class ConsistencyModule(L.LightningModule):
         half = _HALF_DTYPES.get(precision.split("-")[0])
         if half is not None:  # frozen weights in the run's half dtype; LoRA stays float32 for the optimizer
             cast_for_training(self.unet, half)
+        if self.compile_blocks:
+            compile_unet_blocks(self.unet)
+        if self.gradient_checkpointing == "auto" and self._trainer is not None:
+            device = self.trainer.strategy.root_device
+            if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < AUTO_CHECKPOINTING_GIB * 2**30:
+                self.unet.enable_gradient_checkpointing()
 
     def on_fit_start(self) -> None:
         self.schedule = replace(self.schedule, alphas_cumprod=self.schedule.alphas_cumprod.to(self.device))
@@ -158,6 +210,17 @@ class ConsistencyModule(L.LightningModule):
             self.null_context = self.null_context.to(self.device, torch.float32)
         if self.ema is not None:
             self.ema.shadow = [s.to(self.device) for s in self.ema.shadow]
+        self.networks = self.graphed_networks()
+
+    def graphed_networks(self) -> dict[str, Callable]:
+        """CUDA-graph replays of the three UNet roles, where they are safe (see ``cuda_graphs``), else none."""
+        if not (self.cuda_graphs and self.device.type == "cuda" and self.trainer.world_size == 1 and self.ema is None
+                and not self.unet.is_gradient_checkpointing):
+            return {}
+        half = _HALF_DTYPES.get(str(self.trainer.precision).split("-")[0])
+        return {"teacher": CudaGraphNetwork(unet_network(self.unet), half),
+                "target": CudaGraphNetwork(unet_network(self.unet), half),
+                "student": GraphedStudent(self.unet, half)}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = batch["latents"].float()
@@ -167,10 +230,13 @@ class ConsistencyModule(L.LightningModule):
         noise = torch.randn_like(x0)
         x_hi = self.schedule.add_noise(x0, noise, t_hi)
         boundary = self.boundary(t_lo)
-        x_lo = self.previous_point(x0, noise, x_hi, t_hi, t_lo, context)
+        with self.phase("teacher"):
+            x_lo = self.previous_point(x0, noise, x_hi, t_hi, t_lo, context)
         student_context = self.training_context(context)
-        pred = self.consistency(x_hi, t_hi, self.student(x_hi, t_hi, student_context), boundary)
-        target = self.target(x_lo, t_lo, student_context, boundary)
+        with self.phase("student_forward"):
+            pred = self.consistency(x_hi, t_hi, self.student(x_hi, t_hi, student_context), boundary)
+        with self.phase("target"):
+            target = self.target(x_lo, t_lo, student_context, boundary)
         per_sample = self.loss_fn(pred, target)
         weights = self.pair_weights(t_hi, t_lo)
         loss = per_sample.mean() if weights is None else (per_sample * weights).sum() / weights.sum()

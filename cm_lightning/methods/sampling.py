@@ -71,13 +71,16 @@ def generate_latents(
     edges: torch.Tensor | None = None,
     timestep_spacing: str = "leading",
     steps_offset: int = 1,
+    network=None,
 ) -> torch.Tensor:
-    """Run sampler ``kind`` from ``noise`` [B, C, h, w] for ``steps`` calls; returns the final latents (scaled)."""
+    """Run sampler ``kind`` from ``noise`` [B, C, h, w] for ``steps`` calls; returns the final latents (scaled).
+
+    ``network`` replaces ``unet_network(unet)`` (e.g. a :class:`CudaGraphNetwork` kept across calls)."""
     timesteps = sampling_timesteps(
         kind, steps, schedule, num_solver_steps=num_solver_steps, edges=edges,
         timestep_spacing=timestep_spacing, steps_offset=steps_offset,
     )
-    denoiser = Denoiser(unet_network(unet), schedule)
+    denoiser = Denoiser(network or unet_network(unet), schedule)
     if kind == "ddim":
         return sample_ddim(denoiser, noise, timesteps, cond)
     if kind == "multistep":

@@ -59,6 +59,9 @@ class FrozenEncoders:
             if model.dtype != self.dtype:  # diffusers warns on any dtype cast, even a no-op one
                 model.to(self.dtype)
             model.to(self.device)
+        # the VAE is convolutions at full resolution: cuDNN's tensor-core kernels want channels-last on a GPU
+        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        self.vae.to(memory_format=self.memory_format)
         return self
 
     @torch.inference_mode()
@@ -71,7 +74,8 @@ class FrozenEncoders:
             raise ValueError(
                 f"pixels must be [B, 3, H, W], H and W divisible by {self.vae_scale}: {tuple(pixels.shape)}"
             )
-        posterior = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        pixels = pixels.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
+        posterior = self.vae.encode(pixels).latent_dist
         return (posterior.mean * self.scaling_factor).float(), (posterior.std * self.scaling_factor).float()
 
     @torch.inference_mode()

@@ -6,6 +6,9 @@ downloaded. The configs are SD1.5's ``unet/``, ``vae/`` and ``text_encoder/`` ``
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 SD15_UNET = dict(
@@ -38,3 +41,19 @@ def random_sd15(parts: tuple[str, ...] = ("unet", "vae", "text_encoder"), seed: 
         "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
     }
     return {name: builders[name]() for name in parts}
+
+
+def write_random_sd15(folder: str | Path) -> Path:
+    """A diffusers SD1.5 folder (the layout ``model=local`` loads) with random weights and the offline tokenizer."""
+    from diffusers import DDIMScheduler
+
+    from .tiny import SD15_SCHEDULER, _model_index
+    from .tokenizer import write_clip_tokenizer
+
+    folder = Path(folder)
+    for name, net in random_sd15().items():
+        net.save_pretrained(folder / name)
+    write_clip_tokenizer(folder / "tokenizer")
+    DDIMScheduler(**SD15_SCHEDULER).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+    return folder

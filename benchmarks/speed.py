@@ -1,0 +1,289 @@
+"""Speed and memory at SD1.5 scale, through the real entry points, in one process tree (issue 10).
+
+What it measures, each section written to ``--out`` (JSON) as soon as it is done, so a run cut short keeps what it has:
+  machine   the card, torch, and its measured bf16 matmul rate (the MFU denominator);
+  prepare   ``python -m cm_lightning.prepare`` on a generated COCO-layout folder: images/s of the cache build;
+  train     ``python -m cm_lightning.train`` per variant (method, LoRA forward, precision, checkpointing) with the
+            ``StepProfiler`` callback: median step, samples/s, MFU, peak memory, per-phase GPU time, first step;
+  reference a loop written the way diffusers' LCM-LoRA example trains (two UNet copies, VAE + text encode every
+            step, separate cond/uncond teacher passes, fp16 autocast with a grad scaler), same card, same call;
+  sample    ``load_drawer(...).draw`` (what ``sample`` runs) end to end, prompts to pixels on the host, for the MCD
+            and CD students at batch 1 and 8 and the teacher's 50-step CFG DDIM, before and after the fast paths;
+  job       (if the time budget allows) the seed's whole job, 1,000 MCD steps, command to exported LoRA.
+``--scale tiny`` runs the same on the tiny model on a CPU in about two minutes (to check the script, not to time).
+Usage: python benchmarks/speed.py --work /tmp/speed --out speed.json [--scale sd15|tiny] [--budget-s 560]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+UNET_TFLOP_PER_SAMPLE = 0.803  # SD1.5 UNet forward at 512 px (64x64 latents, 77 tokens), counted in environment.md
+# UNet forward-equivalents per sample in one step, counting a backward as two forwards (issue 10's convention):
+# CD/MCD: teacher cond + uncond (2), target (1), student forward + backward (3); CT: no teacher.
+FORWARDS_PER_SAMPLE = {"cd": 6, "mcd": 6, "ct": 4}
+STARTED = time.perf_counter()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def elapsed() -> float:
+    return time.perf_counter() - STARTED
+
+
+def save(results: dict, out: Path) -> None:
+    out.write_text(json.dumps(results, indent=1, default=str))
+
+
+def matmul_tflops(device: torch.device) -> float | None:
+    """Measured bf16 dense matmul rate (8192^3, median of 20), the card's practical peak."""
+    if device.type != "cuda":
+        return None
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+def write_inputs(work: Path, scale: str, images: int) -> tuple[Path, Path]:
+    """A model folder (random SD1.5 weights, or the tiny model) and a COCO-layout folder of generated JPEGs."""
+    from cm_lightning.data.synthetic import write_coco_folder
+
+    model = work / "model"
+    if scale == "sd15":
+        from cm_lightning.models.sd15_architecture import write_random_sd15
+
+        if not (model / "model_index.json").is_file():
+            write_random_sd15(model)
+    else:
+        from cm_lightning.models.tiny import ensure_tiny_sd
+
+        ensure_tiny_sd(model)
+    coco = work / "coco"
+    if not (coco / "annotations").is_dir():
+        size = (640, 480) if scale == "sd15" else (48, 40)
+        write_coco_folder(coco, images, image_size=size, captions_per_image=1)
+    return model, coco
+
+
+def base_overrides(scale: str, model: Path, coco: Path, images: int, workers: int) -> list[str]:
+    common = [f"model.pretrained={model}", "data=coco5k", f"data.root={coco}",
+              f"data.datamodule.source.num_pairs={images}", "data.datamodule.progress=false"]
+    if scale == "sd15":
+        return ["model=local", "model.resolution=512", "model.encoder_dtype=bf16", "trainer=gpu",
+                f"data.datamodule.num_workers={workers}", "data.datamodule.encode_batch_size=64", *common]
+    return ["model=local", "model.resolution=32", "trainer=cpu", "data.datamodule.num_workers=0", "lora.rank=4",
+            *common]
+
+
+def run(cmd: list[str], log: Path, env: dict, timeout: float | None = None) -> tuple[int, float, str]:
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        try:
+            code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = -9
+    return code, time.perf_counter() - started, log.read_text()[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ sections
+def measure_prepare(args, overrides: list[str], env: dict) -> dict:
+    cmd = [sys.executable, "-m", "cm_lightning.prepare", *overrides, f"hydra.run.dir={args.work}/prepare_run"]
+    code, wall, tail = run(cmd, args.work / "prepare.log", env)
+    match = re.search(r"built in ([\d.]+) s", tail)
+    seconds = float(match.group(1)) if match else None
+    return {"command": " ".join(cmd[1:]), "returncode": code, "wall_seconds": round(wall, 1),
+            "build_seconds": seconds, "images": args.images,
+            "images_per_s": round(args.images / seconds, 1) if seconds else None, "log_tail": tail[-600:]}
+
+
+TRAIN_VARIANTS = {
+    # name: overrides (on top of each method's defaults)
+    # the defaults before issue 10: peft's LoRA forward, fp16 with loss scaling, foreach AdamW, no graphs
+    "cd_before_ckpt": ["method=cd", "method.module.lora_forward=peft", "trainer.precision=16-mixed",
+                       "method.module.gradient_checkpointing=true", "method.module.cuda_graphs=false",
+                       "optimizer.fused=false"],
+    "cd_before": ["method=cd", "method.module.lora_forward=peft", "trainer.precision=16-mixed",
+                  "method.module.gradient_checkpointing=false", "method.module.cuda_graphs=false",
+                  "optimizer.fused=false"],
+    "cd_nographs": ["method=cd", "method.module.cuda_graphs=false"],
+    "cd_peft_bf16": ["method=cd", "method.module.lora_forward=peft", "method.module.gradient_checkpointing=false"],
+    "cd_merged_fp16": ["method=cd", "trainer.precision=16-mixed", "method.module.gradient_checkpointing=false"],
+    "cd": ["method=cd"],
+    "cd_ckpt": ["method=cd", "method.module.gradient_checkpointing=true"],
+    "mcd": ["method=mcd", "boundaries=4"],
+    "ct": ["method=ct"],
+    "cd_compile": ["method=cd", "method.module.compile_blocks=true"],
+}
+
+
+def measure_train(args, name: str, overrides: list[str], env: dict, tflops: float | None) -> dict:
+    folder = args.work / "runs" / name
+    profile = folder / "profile.json"
+    cmd = [sys.executable, "-m", "cm_lightning.train", *overrides, f"batch_size={args.batch}",
+           f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=10", "~callbacks.sample_grid",
+           f"paths.output_dir={folder}", f"hydra.run.dir={folder}",
+           "+callbacks.step_profiler._target_=cm_lightning.methods.profiling.StepProfiler",
+           f"+callbacks.step_profiler.out={profile}", f"+callbacks.step_profiler.skip={args.skip}"]
+    env = {**env, "CM_SPEED_T0": str(time.time())}
+    code, wall, tail = run(cmd, args.work / f"train_{name}.log", env, timeout=max(60.0, args.budget_s - elapsed()))
+    result = {"command": " ".join(cmd[1:]), "returncode": code, "process_seconds": round(wall, 1)}
+    if code != 0 or not profile.is_file():
+        return {**result, "log_tail": tail}
+    summary = json.loads(profile.read_text())
+    step = summary["step_seconds"]
+    method = next(o.split("=")[1] for o in overrides if o.startswith("method="))
+    flops = FORWARDS_PER_SAMPLE[method] * UNET_TFLOP_PER_SAMPLE * args.batch if args.scale == "sd15" else None
+    result.update({
+        "step_ms": round(step * 1000, 1), "samples_per_s": round(args.batch / step, 1),
+        "tflop_per_step": flops, "mfu": round(flops / step / tflops, 3) if flops and tflops else None,
+        "peak_memory_gib": summary["peak_memory_gib"], "phase_peak_memory_gib": summary["phase_peak_memory_gib"],
+        "gpu_phase_ms": {k: round(v * 1000, 1) for k, v in summary["gpu_phase_seconds"].items()},
+        "data_ms": round(summary["data_seconds"] * 1000, 2),
+        "seconds_to_first_step": round(summary["first_step_end_unix"] - float(env["CM_SPEED_T0"]), 1),
+        "lora": str(folder / "lora"),
+    })
+    return result
+
+
+def measure_sampling(args, runs: dict, device: torch.device) -> dict:
+    """End-to-end draw latency (prompts -> pixels on the host) through ``load_drawer``, as ``sample`` runs it."""
+    from cm_lightning.models.components import load_components
+    from cm_lightning.pipeline import load_drawer
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cases = [("mcd", runs.get("mcd"), 4, 1.0), ("cd", runs.get("cd"), 4, 1.0), ("teacher", None, 50, 7.5)]
+    out = {}
+    for name, run_dir, steps, guidance in cases:
+        if name != "teacher" and run_dir is None:
+            continue
+        for fast in (False, True):
+            components = load_components(str(args.work / "model"))
+            drawer, _ = load_drawer(components, run_dir, device=device, dtype=dtype, encoder_dtype=dtype,
+                                    merge_lora=fast, cuda_graphs=fast)
+            for batch in (1, 8):
+                prompts = ["A sad puppy with large eyes"] * batch
+                repeats = 3 if name == "teacher" else 10
+                times = []
+                for i in range(2 + repeats):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    started = time.perf_counter()
+                    drawer.draw(prompts, steps=steps, guidance_scale=guidance, seed=i, batch_size=batch)
+                    if i >= 2:
+                        times.append(time.perf_counter() - started)
+                key = f"{name}_{'fast' if fast else 'plain'}_b{batch}"
+                out[key] = {"steps": steps, "guidance": guidance, "median_ms": round(statistics.median(times) * 1000, 1),
+                            "min_ms": round(min(times) * 1000, 1)}
+                print(key, out[key], flush=True)
+            del drawer, components
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
+def measure_job(args, overrides: list[str], env: dict) -> dict:
+    folder = args.work / "runs" / "job"
+    cmd = [sys.executable, "-m", "cm_lightning.train", "method=mcd", "boundaries=4", *overrides,
+           f"paths.output_dir={folder}", f"hydra.run.dir={folder}"]
+    code, wall, tail = run(cmd, args.work / "job.log", env)
+    return {"command": " ".join(cmd[1:]), "returncode": code, "wall_seconds": round(wall, 1),
+            "lora_written": (folder / "lora" / "pytorch_lora_weights.safetensors").is_file(), "log_tail": tail[-600:]}
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--scale", choices=["sd15", "tiny"], default="sd15")
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--skip", type=int, default=10)
+    parser.add_argument("--variants", default="cd_before,cd,cd_nographs,mcd,ct,cd_ckpt,cd_before_ckpt")
+    parser.add_argument("--workers", type=int, default=8, help="cache-build DataLoader workers")
+    parser.add_argument("--late-variants", default="cd_compile,cd_peft_bf16,cd_merged_fp16",
+                        help="train variants run after sampling and the reference loop, while time remains")
+    parser.add_argument("--sections", default="prepare,train,reference,sample,job")
+    parser.add_argument("--reference", default="no_ckpt,ckpt", help="reference loop variants")
+    parser.add_argument("--budget-s", type=float, default=560, help="stop starting new sections after this")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = {**os.environ, "CM_LIGHTNING_CACHE": str(args.work / "cache"), "PYTHONUNBUFFERED": "1"}
+    sections = args.sections.split(",")
+    tflops = matmul_tflops(device)
+    results: dict = {"date": date.today().isoformat(), "torch": torch.__version__, "scale": args.scale,
+                     "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                     "bf16_matmul_tflops": tflops, "batch": args.batch, "steps": args.steps, "skip": args.skip,
+                     "command": " ".join(sys.argv)}
+    model, coco = write_inputs(args.work, args.scale, args.images)
+    results["inputs_seconds"] = round(elapsed(), 1)
+    overrides = base_overrides(args.scale, model, coco, args.images, args.workers)
+    if "prepare" in sections:
+        results["prepare"] = measure_prepare(args, overrides, env)
+        save(results, args.out)
+        print("prepare", results["prepare"].get("images_per_s"), "images/s", flush=True)
+    results["train"] = {}
+
+    def train_variants(names: str) -> None:
+        for name in filter(None, names.split(",")):
+            if elapsed() > args.budget_s - 30:
+                results["train"][name] = "skipped: time budget"
+                continue
+            results["train"][name] = measure_train(args, name, overrides + TRAIN_VARIANTS[name], env, tflops)
+            save(results, args.out)
+            r = results["train"][name]
+            print(name, {k: r.get(k) for k in ("step_ms", "mfu", "peak_memory_gib", "gpu_phase_ms", "returncode")},
+                  flush=True)
+
+    if "train" in sections:
+        train_variants(args.variants)
+    if "reference" in sections and elapsed() < args.budget_s:
+        from reference_lcm_loop import measure_reference
+
+        results["reference"] = measure_reference(model, device, batch=args.batch, steps=args.steps, skip=args.skip,
+                                                 resolution=512 if args.scale == "sd15" else 32,
+                                                 gradient_checkpointing=tuple(c == "ckpt" for c in args.reference.split(",")))
+        save(results, args.out)
+        print("reference", results["reference"], flush=True)
+    if "sample" in sections and elapsed() < args.budget_s:
+        runs = {name: results["train"][name]["lora"] for name in ("mcd", "cd")
+                if isinstance(results["train"].get(name), dict) and "lora" in results["train"][name]}
+        results["sample"] = measure_sampling(args, runs, device)
+        save(results, args.out)
+    if "train" in sections:
+        train_variants(args.late_variants)
+    cd = results["train"].get("cd")
+    job_estimate = (cd["step_ms"] / 1000 * 1000 + 60) if isinstance(cd, dict) and "step_ms" in cd else None
+    if "job" in sections and job_estimate and elapsed() + job_estimate < args.budget_s:
+        steps = ["trainer.max_steps=1000"] if args.scale == "sd15" else ["trainer.max_steps=20"]
+        results["job"] = measure_job(args, overrides + steps, env)
+    elif "job" in sections:
+        results["job"] = f"skipped: estimated {job_estimate} s, {elapsed():.0f} s of the {args.budget_s} s budget used"
+    results["total_seconds"] = round(elapsed(), 1)
+    save(results, args.out)
+    print(json.dumps({k: v for k, v in results.items() if k != "train"}, indent=1, default=str)[:4000])
+
+
+if __name__ == "__main__":
+    main()

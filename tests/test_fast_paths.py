@@ -1,0 +1,121 @@
+"""The fast paths compute what the plain paths compute: merged-LoRA training forward, merged-LoRA drawing."""
+
+import copy
+
+import pytest
+import torch
+
+from cm_lightning.models.components import load_components
+from cm_lightning.models.lora import add_lora, adapters_disabled, merge_adapter, use_merged_lora_forward
+
+
+def _lora_unet(tiny_sd_path, dropout: float = 0.0):
+    unet = load_components(str(tiny_sd_path)).unet
+    add_lora(unet, rank=4, alpha=8, dropout=dropout)
+    generator = torch.Generator().manual_seed(0)
+    for param in unet.parameters():  # non-zero B, so the adapter changes the output
+        if param.requires_grad:
+            param.data = torch.randn(param.shape, generator=generator) * 0.05
+    return unet
+
+
+def _call(unet, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 16, 16, generator=generator)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    return unet(x, torch.tensor([10, 700]), encoder_hidden_states=context).sample
+
+
+def _grads(unet) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in unet.parameters() if p.requires_grad])
+
+
+def test_merged_lora_forward_gives_peft_outputs_and_gradients(tiny_sd_path):
+    peft_unet = _lora_unet(tiny_sd_path)
+    merged_unet = copy.deepcopy(peft_unet)
+    assert use_merged_lora_forward(merged_unet) > 0
+    outputs = []
+    for unet in (peft_unet, merged_unet):
+        out = _call(unet)
+        out.square().mean().backward()
+        outputs.append(out.detach())
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(outputs[1], outputs[0]) < 1e-5
+    assert rel(_grads(merged_unet), _grads(peft_unet)) < 1e-5
+    # the adapter matters (the comparison is not between two base models) and switching it off still works
+    with adapters_disabled(merged_unet), torch.no_grad():
+        base = _call(merged_unet)
+    assert rel(base, outputs[0]) > 1e-2
+    with adapters_disabled(peft_unet), torch.no_grad():
+        assert torch.equal(base, _call(peft_unet))
+
+
+def test_merged_lora_forward_keeps_peft_path_under_dropout(tiny_sd_path):
+    unet = _lora_unet(tiny_sd_path, dropout=0.5)
+    use_merged_lora_forward(unet)
+    torch.manual_seed(0)
+    first = _call(unet)
+    torch.manual_seed(1)
+    assert not torch.allclose(first, _call(unet))  # dropout still applied: peft's path, not the merged weight
+
+
+def test_merged_adapter_draws_what_the_unmerged_adapter_draws(tiny_sd_path):
+    unet = _lora_unet(tiny_sd_path)
+    with torch.no_grad():
+        unmerged = _call(unet)
+        merge_adapter(unet)
+        merged = _call(unet)
+    assert ((merged - unmerged).norm() / unmerged.norm()).item() < 1e-5
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@needs_gpu
+def test_cuda_graph_network_replays_the_network(tiny_sd_path):
+    from cm_lightning.methods.cuda_graphs import CudaGraphNetwork
+    from cm_lightning.methods.sampling import unet_network
+
+    unet = load_components(str(tiny_sd_path)).unet.cuda()
+    plain = unet_network(unet)
+    graphed = CudaGraphNetwork(plain)
+    for seed in (0, 1):
+        x = torch.randn(2, 4, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        t, context = torch.tensor([5, 900], device="cuda"), torch.randn(2, 77, 32, device="cuda")
+        torch.testing.assert_close(graphed(x, t, context), plain(x, t, context))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, None])
+def test_graphed_student_gives_the_eager_outputs_and_gradients_as_weights_move(tiny_sd_path, dtype):
+    from cm_lightning.methods.cuda_graphs import GraphedStudent, _UNetCall
+
+    unet = _lora_unet(tiny_sd_path).cuda()
+    use_merged_lora_forward(unet)
+    if dtype is not None:  # frozen weights in the half dtype, LoRA in fp32, as training casts them
+        from cm_lightning.models.lora import cast_for_training
+
+        cast_for_training(unet, dtype)
+    graphed, eager = GraphedStudent(unet, dtype), _UNetCall(unet)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    autocast = torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None)
+    for seed in range(3):
+        generator = torch.Generator("cuda").manual_seed(seed)
+        x = torch.randn(2, 4, 16, 16, device="cuda", generator=generator)
+        t = torch.tensor([10 + seed, 700], device="cuda")
+        context = torch.randn(2, 77, 32, device="cuda", generator=generator)
+        results = []
+        for net in (graphed, eager):
+            for p in params:
+                p.grad = None
+            with autocast:
+                out = net(x, t, context)
+            out.square().mean().backward()
+            results.append((out.detach().clone(), torch.cat([p.grad.flatten() for p in params]).clone()))
+        tolerance = 1e-5 if dtype is None else 2e-2
+        for graphed_value, eager_value in zip(*results):
+            assert ((graphed_value - eager_value).norm() / eager_value.norm()).item() < tolerance
+        with torch.no_grad():  # an optimizer step in place: the next replay must see the new weights
+            for p in params:
+                p.add_(torch.randn_like(p) * 0.01)
+    assert graphed.graphed  # the graph was captured and used, not the eager fallback
