@@ -23,6 +23,7 @@ from ..diffusion.samplers import Conditioning
 from ..diffusion.schedule import NoiseSchedule
 from ..models.lora import LORA_FORWARDS, adapters_disabled, add_lora, cast_for_training, use_merged_lora_forward
 from .ema import EmaWeights
+from .optim import clip_gradients
 from .cuda_graphs import CudaGraphNetwork, GraphedStudent
 from .sampling import SamplerKind, generate_latents, unet_network
 
@@ -245,11 +246,7 @@ class ConsistencyModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip (trainer.gradient_clip_val) and log the total gradient norm from the same single foreach pass."""
-        params = self.trainable_parameters()
-        if gradient_clip_val:
-            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = clip_gradients(self._trainer, optimizer, self.trainable_parameters(), gradient_clip_val)
         self.log("train/grad_norm", norm)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

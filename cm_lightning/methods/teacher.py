@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from ..diffusion.schedule import NoiseSchedule
+from .optim import clip_gradients
 
 
 class TeacherTraining(L.LightningModule):
@@ -91,6 +92,11 @@ class TeacherTraining(L.LightningModule):
         # one foreach kernel per dtype group instead of one lerp per parameter (a small UNet has hundreds)
         torch._foreach_lerp_(list(self.ema_unet.parameters()), [p.detach() for p in self.unet.parameters()],
                              1 - decay)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip in true units (also with a fused optimizer under mixed precision, which Lightning refuses to clip)."""
+        self.log("train/grad_norm", clip_gradients(self._trainer, optimizer, list(self.unet.parameters()),
+                                                   gradient_clip_val))
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.unet.parameters())
