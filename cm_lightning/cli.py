@@ -41,6 +41,27 @@ def one_line_errors(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+def checked_command_line(config_name: str):
+    """Put outside ``@hydra.main``: the command line is checked before Hydra composes it, so a bad group option
+    or key is one ``error:`` line and exit code 2 instead of Hydra's multi-line listing."""
+
+    def wrap(hydra_main: Callable[[], T]) -> Callable[[], T]:
+        @functools.wraps(hydra_main)
+        def main():
+            from .config_check import check_command_line
+
+            try:
+                check_command_line(config_name, sys.argv[1:])
+            except UserError as error:
+                print(f"error: {error}", file=sys.stderr)
+                sys.exit(2)
+            return hydra_main()
+
+        return main
+
+    return wrap
+
+
 def build(node: DictConfig, **kwargs):
     """``hydra.utils.instantiate`` that lets a :class:`UserError` through as itself, and turns a wrong or missing
     config key (a TypeError from the target) into a one-line UserError naming the target."""

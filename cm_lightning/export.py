@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from .cli import one_line_errors
+from .cli import checked_command_line, one_line_errors
 from .errors import UserError
 from .methods.sampler_table import get_sampler
+from .outputs import check_finite, portable, whole_folder
 from .pipeline import RunInfo, apply_trained_lora, resolve_run_folder
 
 log = logging.getLogger("cm_lightning.export")
@@ -61,37 +63,50 @@ The training configuration is in `train_config.yaml`.
 
 
 def export_run(run: str | Path, out: str | Path, *, base_model: str | None = None) -> Path:
-    """Write the diffusers-ready folder for ``run`` (a run folder, its lora/ folder or a .ckpt) into ``out``."""
+    """Write the diffusers-ready folder for ``run`` (a run folder, its lora/ folder or a .ckpt) into ``out``.
+
+    The folder is written whole (a temporary sibling renamed into place); its card and configs carry no absolute
+    local paths (a local base model is named ``<local>/<folder name>``); non-finite weights are never written.
+    """
     from diffusers import DDIMScheduler
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
 
     run, out = Path(run), Path(out)
     folder = resolve_run_folder(run)
+    if folder.resolve() == out.resolve():
+        raise UserError(f"out={out} is the run's own lora/ folder; export into another folder")
     info = RunInfo.read(folder)
     base_model = base_model or info.model
-    out.mkdir(parents=True, exist_ok=True)
-    if run.suffix == ".ckpt":  # re-save the checkpoint's LoRA weights in diffusers format
-        from .models.components import load_components
-        from .models.lora import save_lora_diffusers
-
-        components = load_components(base_model)
-        apply_trained_lora(components.unet, run)
-        save_lora_diffusers(components.unet, out)
-    elif folder.resolve() != out.resolve():
-        shutil.copy2(folder / WEIGHTS, out / WEIGHTS)
     try:
         base_config = dict(DDIMScheduler.load_config(base_model, subfolder="scheduler"))
     except OSError as error:
         raise UserError(f"base model '{base_model}': no scheduler config found ({error.__class__.__name__})") from None
-    scheduler_for(info, base_config).save_pretrained(out / "scheduler")
-    for name in ("train_config.yaml",):
-        if (folder / name).is_file() and folder.resolve() != out.resolve():
-            shutil.copy2(folder / name, out / name)
-    info.write(out)
-    (out / "README.md").write_text(model_card(info, base_model, base_config.get("num_train_timesteps", 1000)))
+    shared_model = portable(base_model)
+    with whole_folder(out) as tmp:
+        if run.suffix == ".ckpt":  # re-save the checkpoint's LoRA weights in diffusers format
+            from .models.components import load_components
+            from .models.lora import lora_state_dict, save_lora_diffusers
+
+            components = load_components(base_model)
+            apply_trained_lora(components.unet, run)
+            check_finite(lora_state_dict(components.unet), f"an export of {run}")
+            save_lora_diffusers(components.unet, tmp)
+        else:
+            check_finite(load_file(folder / WEIGHTS), f"an export of {folder / WEIGHTS}")
+            shutil.copy2(folder / WEIGHTS, tmp / WEIGHTS)
+        scheduler = scheduler_for(info, {k: v for k, v in base_config.items() if k != "_name_or_path"})
+        scheduler.save_pretrained(tmp / "scheduler")
+        if (folder / "train_config.yaml").is_file():
+            config = OmegaConf.to_container(OmegaConf.load(folder / "train_config.yaml"), resolve=False)
+            OmegaConf.save(OmegaConf.create(portable(config)), tmp / "train_config.yaml")
+        replace(info, model=shared_model).write(tmp)
+        (tmp / "README.md").write_text(model_card(info, shared_model, base_config.get("num_train_timesteps", 1000)))
     log.info("exported %s (%s) to %s", info.method, base_model, out)
     return out
 
 
+@checked_command_line("export")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 @one_line_errors
 def main(cfg: DictConfig) -> None:

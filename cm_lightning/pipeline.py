@@ -83,7 +83,7 @@ def apply_trained_lora(unet, path: str | Path) -> RunInfo:
     info = RunInfo.read(folder)
     add_lora(unet, **info.lora)
     if path.suffix == ".ckpt":
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]  # tensors only: no code runs
         # the module's parameter names carry peft's adapter name (lora_A.default.weight); its state dicts do not
         load_lora_state_dict(unet, {k.removeprefix("unet.").replace(f".{ADAPTER}.", "."): v
                                     for k, v in state.items() if k.startswith("unet.")})

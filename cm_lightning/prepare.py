@@ -11,11 +11,13 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from .cli import build, compute_device, load_model, one_line_errors, parse_dtype
+from .cli import build, checked_command_line, compute_device, load_model, one_line_errors, parse_dtype
+from .config_check import check_train_config
 from .models.encoders import FrozenEncoders
 
 
 def prepare(cfg: DictConfig) -> str:
+    check_train_config(cfg)  # before any weights are read
     components = load_model(cfg.model)
     encoders = FrozenEncoders.from_components(
         components, device=compute_device(cfg.trainer.accelerator),
@@ -29,6 +31,7 @@ def prepare(cfg: DictConfig) -> str:
     return f"{summary}\nbuilt in {seconds:.1f} s\n{datamodule.cache.path}"
 
 
+@checked_command_line("train")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @one_line_errors
 def main(cfg: DictConfig) -> None:

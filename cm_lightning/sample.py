@@ -12,7 +12,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from .cli import compute_device, load_model, one_line_errors, parse_dtype
+from .cli import checked_command_line, compute_device, load_model, one_line_errors, parse_dtype
+from .config_check import check_missing, check_unknown_keys
 from .figures import image_grid, save_images
 from .models.components import load_components
 from .pipeline import RunInfo, load_drawer, resolve_run_folder
@@ -32,6 +33,8 @@ def load_base_model(cfg: DictConfig):
 
 
 def sample(cfg: DictConfig) -> Path:
+    check_missing(cfg)
+    check_unknown_keys(cfg, "sample")
     prompts = read_prompts(cfg.prompts, cfg.prompts_file)
     device = compute_device(cfg.device)
     dtype = parse_dtype(cfg.dtype, "dtype") if device.type == "cuda" else torch.float32
@@ -52,6 +55,7 @@ def sample(cfg: DictConfig) -> Path:
     return out
 
 
+@checked_command_line("sample")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 @one_line_errors
 def main(cfg: DictConfig) -> None:

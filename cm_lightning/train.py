@@ -17,13 +17,17 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from .cli import build, compute_device, load_model, one_line_errors, parse_dtype
+from .cli import build, checked_command_line, compute_device, load_model, one_line_errors, parse_dtype
+from .config_check import check_train_config
 from .diffusion.schedule import NoiseSchedule
 from .errors import UserError
 from .models.encoders import FrozenEncoders
-from .models.components import save_model_folder
-from .models.lora import save_lora_diffusers
+from .methods.guards import NonFiniteSteps, RunState, StepSeeds
 from .methods.sampler_table import get_sampler
+from .models.components import save_model_folder
+from .models.lora import lora_state_dict, save_lora_diffusers
+from .outputs import (check_finite, check_resume_identity, refuse_overwrite, resolve_ckpt_path, run_identity,
+                      whole_folder)
 from .pipeline import RunInfo
 
 log = logging.getLogger("cm_lightning.train")
@@ -70,14 +74,20 @@ def supported_precision(precision: str, device: torch.device) -> str:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job from a composed config; returns the final logged metrics."""
+    check_train_config(cfg)  # before any weights are read
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    refuse_overwrite(output_dir, ckpt_path)
+    if ckpt_path:
+        check_resume_identity(ckpt_path, run_identity(cfg))
     L.seed_everything(cfg.seed, workers=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers on tensor cores
+    datamodule = build(cfg.data.datamodule)  # checks the data's paths before any weights are read
     components = load_model(cfg.model)
     device = compute_device(cfg.trainer.accelerator)
     encoders = FrozenEncoders.from_components(
         components, device=device, dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype")
     )
-    datamodule = build(cfg.data.datamodule)
     datamodule.attach_encoders(encoders)
     module = build_module(cfg, components)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -88,11 +98,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if "_target_" in c]
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks += [RunState(run_identity(cfg)), StepSeeds(cfg.seed), NonFiniteSteps(cfg.max_nonfinite_steps)]
     precision = supported_precision(str(cfg.trainer.precision), device)
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
-    output_dir = Path(cfg.paths.output_dir)
     trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
         if not cfg.method.get("uses_lora", True):  # a whole new model (method=teacher): the base folder, new UNet
@@ -100,15 +110,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
             OmegaConf.save(cfg, folder / "train_config.yaml", resolve=True)
             log.info("model written to %s", folder)
         else:
-            lora_dir = output_dir / "lora"
-            with module.weights_for_export():
+            with whole_folder(output_dir / "lora") as lora_dir, module.weights_for_export():
+                check_finite(lora_state_dict(components.unet), "the LoRA")
                 save_lora_diffusers(components.unet, lora_dir)
-            run_info(cfg, module).write(lora_dir)
-            OmegaConf.save(cfg, lora_dir / "train_config.yaml", resolve=True)
-            log.info("LoRA weights written to %s", lora_dir)
+                run_info(cfg, module).write(lora_dir)
+                OmegaConf.save(cfg, lora_dir / "train_config.yaml", resolve=True)
+            log.info("LoRA weights written to %s", output_dir / "lora")
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
+@checked_command_line("train")
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:

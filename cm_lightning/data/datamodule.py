@@ -7,19 +7,75 @@ from typing import Any
 
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cm_lightning import rng
 from cm_lightning.data.cache import CachedLatents, LatentCache
 from cm_lightning.data.sources import CaptionedImageSource
 from cm_lightning.errors import UserError
+
+
+class SeededIndex(int):
+    """A dataset index that carries the seed of its latent noise (set by :class:`ResumableSampler`)."""
+
+    noise_seed: int
+
+    def __new__(cls, index: int, noise_seed: int) -> "SeededIndex":
+        value = super().__new__(cls, index)
+        value.noise_seed = noise_seed
+        return value
+
+    def __reduce__(self):  # to worker processes and back
+        return SeededIndex, (int(self), self.noise_seed)
+
+
+class ResumableSampler(Sampler[int]):
+    """A seeded shuffle per epoch, sharded over ranks, that can start mid-epoch (exact resume).
+
+    Epoch e's order is ``randperm(n)`` seeded by (seed, e). Global batch g = ``batch_size * world_size``: rank r
+    takes slice r of each global batch, so R ranks at batch b see exactly the samples of 1 rank at batch R b, and
+    each sample's latent noise is seeded by (seed, epoch, its position in the global order), so it is the same
+    whatever the rank count, the worker count, or a resume. The order is padded (by wrapping) to a multiple of
+    ``world_size``, as DistributedSampler does. ``set_epoch`` is called by Lightning at every epoch start; an
+    iteration run to its end also moves to the next epoch (plain loops reshuffle too).
+    """
+
+    def __init__(self, size: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.seed, self.rank, self.world_size = size, batch_size, seed, rank, world_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_batches(self, count: int) -> None:
+        """The next iteration starts after ``count`` of this rank's batches (once)."""
+        self.skip = count
+
+    def __len__(self) -> int:
+        return -(-self.size // self.world_size)
+
+    def __iter__(self):
+        epoch, start, self.skip = self.epoch, self.skip * self.batch_size, 0
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        positions = torch.arange(len(order) + (-len(order)) % self.world_size)
+        order = order[positions % len(order)]
+        global_batch = self.batch_size * self.world_size
+        mine = []
+        for first in range(0, len(order), global_batch):
+            share = min(global_batch, len(order) - first) // self.world_size
+            mine.extend(range(first + self.rank * share, first + (self.rank + 1) * share))
+        base = (self.seed * 1_000_003 + epoch) * 1_000_000_007
+        for position in mine[start:]:
+            yield SeededIndex(int(order[position]), (base + position) % 2**63)
+        self.epoch = epoch + 1
 
 
 class SampledLatents(Dataset):
     """Index -> a fresh latent sample ``mean + std * N(0, 1)`` and its text embedding, from RAM.
 
     Implements ``__getitems__`` so the DataLoader fetches a whole batch with one tensor index (no
-    per-item Python work). Noise comes from the global torch RNG, which Lightning seeds per worker, so
-    workers do not repeat each other's noise.
+    per-item Python work). Indices from :class:`ResumableSampler` carry their noise seed (the noise then depends
+    on nothing else: not the global RNG, the workers or a resume); plain indices draw from the global torch RNG.
     """
 
     def __init__(self, data: CachedLatents):
@@ -29,10 +85,15 @@ class SampledLatents(Dataset):
         return len(self.data)
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
+        index = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
         mean = self.data.latent_mean[index].float()
         std = self.data.latent_std[index].float()
-        return {"latents": mean + std * torch.randn_like(mean),
+        if all(isinstance(i, SeededIndex) for i in indices):
+            noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(i.noise_seed))
+                                 for i in indices])
+        else:
+            noise = torch.randn_like(mean)
+        return {"latents": mean + std * noise,
                 "text_embeds": self.data.text_embeds[index].float(),
                 "index": index}
 
@@ -66,6 +127,7 @@ class LatentDataModule(LightningDataModule):
         self.encoders: Any | None = None
         self._cache: LatentCache | None = None
         self.cache_data: CachedLatents | None = None
+        self.sampler: ResumableSampler | None = None  # the training loader's (resume skips batches through it)
 
     def attach_encoders(self, encoders: Any) -> None:
         """Give the datamodule the frozen encoders (needed only to build a missing cache)."""
@@ -82,14 +144,18 @@ class LatentDataModule(LightningDataModule):
         return self._cache
 
     def prepare_data(self) -> None:
-        """Build the cache if needed (Lightning calls this on one process per node)."""
-        self.cache.build()
+        """Build the cache if needed (Lightning calls this on one process per node). The build draws random
+        numbers (its image loader): it must not move the training's generators, or a cache built inside a run
+        would change that run's weights."""
+        with rng.preserved():
+            self.cache.build()
 
     def setup(self, stage: str | None = None) -> None:
         """Load the cache into RAM (building it first when prepare_data was not called)."""
         if self.cache_data is None:
             if not self.cache.is_complete():
-                self.cache.build()
+                with rng.preserved():
+                    self.cache.build()
             self.cache_data = self.cache.load()
 
     @property
@@ -101,7 +167,11 @@ class LatentDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.cache_data is None:
             raise RuntimeError("LatentDataModule.train_dataloader() called before setup()")
-        return DataLoader(SampledLatents(self.cache_data), batch_size=self.batch_size, shuffle=True,
+        trainer = self.trainer
+        self.sampler = ResumableSampler(len(self.cache_data), self.batch_size, seed=self.seed,
+                                        rank=trainer.global_rank if trainer else 0,
+                                        world_size=trainer.world_size if trainer else 1)
+        return DataLoader(SampledLatents(self.cache_data), batch_size=self.batch_size, sampler=self.sampler,
                           generator=torch.Generator().manual_seed(self.seed), drop_last=False,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           collate_fn=_batch_as_is, pin_memory=torch.cuda.is_available())

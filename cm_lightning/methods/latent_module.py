@@ -9,7 +9,7 @@ from dataclasses import replace
 import lightning as L
 import torch
 
-from .optim import lightning_optimizers
+from .optim import clip_gradients, lightning_optimizers
 
 
 class LatentTrainingModule(L.LightningModule):
@@ -32,11 +32,7 @@ class LatentTrainingModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip (trainer.gradient_clip_val) and log the total gradient norm from the same single foreach pass; also
         what lets a fused optimizer (AdamW fused=True) be clipped, which Lightning's own clipping refuses."""
-        params = self.trainable_parameters()
-        if gradient_clip_val:
-            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = clip_gradients(self._trainer, optimizer, self.trainable_parameters(), gradient_clip_val)
         self.log("train/grad_norm", norm)
 
     def configure_optimizers(self):

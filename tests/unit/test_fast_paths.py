@@ -121,17 +121,13 @@ def test_graphed_student_gives_the_eager_outputs_and_gradients_as_weights_move(t
     assert graphed.graphed  # the graph was captured and used, not the eager fallback
 
 
-def test_step_profiler_times_every_step_and_phase_of_a_real_run(tmp_path):
+def test_step_profiler_times_every_step_and_phase_of_a_real_run(tmp_path, conf_dir):
     import json
-    from pathlib import Path
 
     from hydra import compose, initialize_config_dir
 
     from cm_lightning.train import train
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    while not (conf / "train.yaml").is_file():  # the tests folder may sit one level deeper
-        conf = conf.parent.parent / "conf"
     profile = tmp_path / "profile.json"
     overrides = [
         "method=cd", "model=tiny", "data=shapes", "trainer=cpu", "trainer.max_steps=4", "lora.rank=4",
@@ -141,7 +137,7 @@ def test_step_profiler_times_every_step_and_phase_of_a_real_run(tmp_path):
         "+callbacks.step_profiler._target_=cm_lightning.methods.profiling.StepProfiler",
         f"+callbacks.step_profiler.out={profile}", "+callbacks.step_profiler.skip=1",
     ]
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     train(cfg)
     summary = json.loads(profile.read_text())

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from cm_lightning.evaluate import table_rows
+from cm_lightning.shapes.evaluate import table_rows
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -13,7 +13,7 @@ from cm_lightning.diffusion.grid import curriculum_num_steps
 from cm_lightning.diffusion.schedule import NoiseSchedule
 from cm_lightning.methods import ConsistencyDistillation
 from cm_lightning.methods.ema import EmaWeights
-from cm_lightning.methods.teacher import TeacherTraining
+from cm_lightning.shapes.teacher import TeacherTraining
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
