@@ -34,7 +34,8 @@ def trained_run(tiny_sd_path, folder, method: str, sampler: str, sample_steps: i
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
     save_lora_diffusers(components.unet, folder / "lora")
-    RunInfo(method, sampler, sample_steps, num_solver_steps, edges, LORA, str(tiny_sd_path)).write(folder / "lora")
+    options = {"num_solver_steps": num_solver_steps, **({"edges": edges} if edges is not None else {})}
+    RunInfo(method, sampler, sample_steps, options, LORA, str(tiny_sd_path)).write(folder / "lora")
     return folder
 
 
