@@ -1,10 +1,13 @@
 """An exported LoRA, loaded into a plain diffusers pipeline, reproduces the project's own samplers (fp32, 1e-4).
 
 CD/CT via LCMScheduler, MCD via TCDScheduler (eta = 0, edge timesteps), and the teacher's DDIM via DDIMScheduler.
+The pipeline gets the scheduler class the export declares (as its model card tells users to load it), so an export
+naming the wrong scheduler draws something else.
 """
 
 from __future__ import annotations
 
+import diffusers
 import pytest
 import torch
 from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline, TCDScheduler
@@ -24,6 +27,14 @@ def pipeline(tiny_sd_path, scheduler) -> StableDiffusionPipeline:
     return pipe
 
 
+def exported_scheduler(exported, expected: type):
+    """The scheduler as a user loads it: the class the exported config names (any scheduler class reads it)."""
+    name = DDIMScheduler.load_config(exported, subfolder="scheduler")["_class_name"]
+    scheduler = getattr(diffusers, name).from_pretrained(exported, subfolder="scheduler")
+    assert isinstance(scheduler, expected), name
+    return scheduler
+
+
 def ours(tiny_sd_path, run, **draw):
     drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run, merge_lora=False)
     return drawer, drawer.draw_latents(PROMPTS, **draw)
@@ -36,7 +47,7 @@ def test_cd_export_reproduces_our_multistep_sampler_with_lcm_scheduler(tiny_sd_p
     noise = drawer.noise(len(PROMPTS), seed=3)
     mine = drawer.draw_latents(PROMPTS, steps=4, noise=noise, generator=torch.Generator().manual_seed(7))
 
-    pipe = pipeline(tiny_sd_path, LCMScheduler.from_pretrained(exported, subfolder="scheduler"))
+    pipe = pipeline(tiny_sd_path, exported_scheduler(exported, LCMScheduler))
     pipe.load_lora_weights(exported)
     theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=1.0, latents=noise.clone(),
                   generator=torch.Generator().manual_seed(7), output_type="latent").images
@@ -56,7 +67,7 @@ def test_mcd_export_reproduces_our_edge_jumps_with_tcd_scheduler(tiny_sd_path, t
     noise = drawer.noise(len(PROMPTS), seed=5)
     mine = drawer.draw_latents(PROMPTS, steps=4, noise=noise)
 
-    pipe = pipeline(tiny_sd_path, TCDScheduler.from_pretrained(exported, subfolder="scheduler"))
+    pipe = pipeline(tiny_sd_path, exported_scheduler(exported, TCDScheduler))
     pipe.load_lora_weights(exported)
     timesteps = edge_jump_timesteps(torch.tensor(edges), 1000).tolist()
     assert timesteps == [999, 779, 519, 259]
