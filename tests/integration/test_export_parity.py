@@ -35,11 +35,6 @@ def exported_scheduler(exported, expected: type):
     return scheduler
 
 
-def ours(tiny_sd_path, run, **draw):
-    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run, merge_lora=False)
-    return drawer, drawer.draw_latents(PROMPTS, **draw)
-
-
 def test_cd_export_reproduces_our_multistep_sampler_with_lcm_scheduler(tiny_sd_path, trained_run, tmp_path):
     run = trained_run("cd", "multistep")
     exported = export_run(run, tmp_path / "export")
