@@ -20,6 +20,7 @@ from .errors import UserError
 from .figures import labelled_rows
 from .pipeline import Drawer, load_drawer
 from .prompts import read_prompts
+from .conf_dir import CONF_PATH
 
 log = logging.getLogger("cm_lightning.compare")
 METHODS = ("ct", "cd", "mcd")
@@ -77,7 +78,7 @@ def compare(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="compare")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     print(compare(cfg))

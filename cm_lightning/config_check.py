@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+from .conf_dir import CONF  # noqa: E402 - the package's configs (wheel) or the checkout's conf/
 
 # Lightning's precision names (lightning.fabric.connector._PRECISION_INPUT_STR), as the trainer accepts them
 PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",

@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from .cli import checked_command_line, one_line_errors
+from .conf_dir import CONF_PATH
 from .errors import UserError
 from .methods.sampler_table import get_sampler
 from .outputs import check_finite, portable, whole_folder
@@ -107,7 +108,7 @@ def export_run(run: str | Path, out: str | Path, *, base_model: str | None = Non
 
 
 @checked_command_line("export")
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="export")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     if not cfg.run:

@@ -18,6 +18,7 @@ from .figures import image_grid, save_images
 from .models.components import load_components
 from .pipeline import RunInfo, load_drawer, resolve_run_folder
 from .prompts import read_prompts
+from .conf_dir import CONF_PATH
 
 log = logging.getLogger("cm_lightning.sample")
 
@@ -56,7 +57,7 @@ def sample(cfg: DictConfig) -> Path:
 
 
 @checked_command_line("sample")
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="sample")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     print(sample(cfg))

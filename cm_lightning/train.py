@@ -29,6 +29,7 @@ from .models.lora import lora_state_dict, save_lora_diffusers
 from .outputs import (check_finite, check_resume_identity, refuse_overwrite, resolve_ckpt_path, run_identity,
                       whole_folder)
 from .pipeline import RunInfo
+from .conf_dir import CONF_PATH
 
 log = logging.getLogger("cm_lightning.train")
 
@@ -120,7 +121,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @checked_command_line("train")
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..cli import compute_device, one_line_errors, parse_dtype
 from .table import PromptSet, Row, evaluate_rows, markdown_table, rows_from_config, save_figures
+from ..conf_dir import CONF_PATH
 
 log = logging.getLogger("cm_lightning.shapes.evaluate")
 
@@ -50,7 +51,7 @@ def evaluate(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="evaluate")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     print(evaluate(cfg))
