@@ -42,7 +42,8 @@ def quick_overrides(cache: Path, out: Path, method: str) -> list[str]:
     ]
 
 
-REQUIRED = {"data=coco5k": ["data.root=/data/coco"], "data=manifest": ["data.manifest=/data/train.jsonl"]}
+REQUIRED = {"data=coco5k": ["data.root=/data/coco"], "data=manifest": ["data.manifest=/data/train.jsonl"],
+            "data=webdataset": ["data.shards='/data/s-{0..9}.tar'"], "data=hf": ["data.path=user/captions"]}
 
 
 @pytest.mark.parametrize(
