@@ -350,7 +350,7 @@ class LatentCache:
 
     def _write_shard(self, shard: int, span: tuple[int, int], parts: list) -> dict:
         good = [p for p in parts if p[1] is not None]
-        tensors = {name: torch.cat([p[k] for p in good]) if good else torch.empty(0, dtype=torch.float16)
+        tensors = {name: torch.cat([p[k] for p in good]).contiguous() if good else torch.empty(0, dtype=torch.float16)
                    for k, name in ((1, "latent_mean"), (2, "latent_std"), (3, "text_embeds"))}
         meta = {"key_hash": key_hash(self.key), "start": span[0], "stop": span[1],
                 "indices": [i for p in parts for i in p[0].indices],

@@ -111,3 +111,40 @@ def test_mcd_sampler_refuses_a_step_count_that_does_not_fit_the_edges(tiny_sd_pa
     drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run, merge_lora=False)
     with pytest.raises(UserError, match="samples in exactly 4 steps"):
         drawer.draw_latents(PROMPTS, steps=2)
+
+
+def test_export_is_hub_ready_card_metadata_grid_and_lora_load(tiny_sd_path, trained_run, tmp_path):
+    """The card's YAML metadata loads with huggingface_hub, the LoRA loads in diffusers from the folder as it would
+    from a Hub repo (same layout), the grid is the exported LoRA's own samples, and no local absolute path leaks."""
+    from huggingface_hub import ModelCard
+    from PIL import Image
+
+    run = trained_run("multistep")
+    (run / "lora" / "train_config.yaml").write_text(
+        f"method:\n  name: cd\n  module:\n    loss: pseudo_huber\ntrainer:\n  max_steps: 6\n  precision: 32-true\n"
+        f"batch_size: 4\nseed: 42\nmodel:\n  pretrained: {tiny_sd_path}\ndata:\n  name: shapes\n")
+    exported = export_run(run, tmp_path / "export", hub_base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                          grid_prompts=PROMPTS)
+    card = ModelCard.load(exported / "README.md")
+    assert card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert {"lora", "cd", "consistency-distillation"} <= set(card.data.tags)
+    assert card.data.widget[0]["output"]["url"] == "sample_grid.png"
+    assert "LCMScheduler" in card.text and "num_inference_steps=4" in card.text and "| steps | 6 |" in card.text
+    grid = Image.open(exported / "sample_grid.png")
+    assert grid.size == (2 * 32, 32)  # two 32 px samples of the tiny model side by side
+    for name in ("README.md", "train_config.yaml", "cm_lightning.json"):
+        text = (exported / name).read_text()
+        assert str(tmp_path) not in text and str(tiny_sd_path) not in text, name
+
+    pipe = pipeline(tiny_sd_path, LCMScheduler.from_pretrained(exported, subfolder="scheduler"))
+    pipe.load_lora_weights(exported)
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+    # drawn by diffusers with the card's own call, the first image is the grid's first tile
+    image = pipe(PROMPTS[:1], num_inference_steps=4, guidance_scale=1.0, output_type="pt",
+                 latents=load_drawer(load_components(str(tiny_sd_path)), run)[0].noise(1, seed=0)).images
+    assert image.shape == (1, 3, 32, 32)
+
+    # a local base model without a Hub id: no base_model in the metadata (the Hub would refuse a path)
+    plain = ModelCard.load(export_run(run, tmp_path / "plain", grid=False) / "README.md")
+    assert plain.data.base_model is None and "<local>/" in plain.text
