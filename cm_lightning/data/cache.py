@@ -491,31 +491,62 @@ class CacheReader:
 
     def read(self, name: str, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` (1-D long, any order, repeats allowed) of tensor ``name``, as one new tensor."""
+        return self.read_rows(index, (name,))[name]
+
+    def read_rows(self, index: torch.Tensor, names: tuple[str, ...] = TENSORS) -> dict[str, torch.Tensor]:
+        """Rows ``index`` of each tensor in ``names`` ({name: [len(index), ...] fp16}), one ``preadv`` per row and
+        tensor straight into the result, each shard's file opened once per process (a small LRU of descriptors)."""
         n = len(self)
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
         if len(index) and (int(index.min()) < -n or int(index.max()) >= n):
             raise IndexError(f"cache index out of range for {n} pairs")
         index = torch.where(index < 0, index + n, index)
-        out = torch.empty((len(index), *self.row_shape(name)), dtype=self.dtype(name))
+        out = {name: torch.empty((len(index), *self.row_shape(name)), dtype=self.dtype(name)) for name in names}
         if not len(index):
             return out
-        rows = out.view(torch.uint8).reshape(len(index), -1).numpy()  # the bytes of each output row, writable
+        rows = {name: t.view(torch.uint8).reshape(len(index), -1).numpy() for name, t in out.items()}  # writable bytes
         shard_of = (torch.searchsorted(self._starts, index, right=True) - 1).tolist()
         local = (index - self._starts[shard_of]).tolist()
-        by_shard: dict[int, list[int]] = {}
-        for j, shard in enumerate(shard_of):
-            by_shard.setdefault(shard, []).append(j)
-        for shard, where in by_shard.items():
+        for j, (shard, row) in enumerate(zip(shard_of, local)):
             info = self.shards[shard]
-            fd = os.open(os.path.join(self.folder, info.file), os.O_RDONLY)
-            try:
-                base, step = info.offsets[name], info.row_bytes[name]
-                for j in where:
-                    if _preadv(fd, rows[j], base + local[j] * step) != step:
-                        raise UserError(f"cache: {self.folder}/{info.file} was truncated while in use; delete "
-                                        f"{self.folder} to rebuild it")
-            finally:
-                os.close(fd)
+            fd = self._fd(shard)
+            for name in names:
+                step = info.row_bytes[name]
+                if _preadv(fd, rows[name][j], info.offsets[name] + row * step) != step:
+                    raise UserError(f"cache: {self.folder}/{info.file} was truncated while in use; delete "
+                                    f"{self.folder} to rebuild it")
         return out
+
+    _MAX_OPEN = 64
+
+    def _fd(self, shard: int) -> int:
+        """An open descriptor of the shard's file, for this process (a DataLoader worker opens its own)."""
+        fds = self.__dict__.get("_fds")
+        if fds is None or self.__dict__.get("_fds_pid") != os.getpid():
+            fds, self._fds_pid = {}, os.getpid()
+            self._fds = fds
+        fd = fds.pop(shard, None)
+        if fd is None:
+            if len(fds) >= self._MAX_OPEN:  # the least recently used one (dicts keep insertion order)
+                os.close(fds.pop(next(iter(fds))))
+            fd = os.open(os.path.join(self.folder, self.shards[shard].file), os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):  # rows are read in random order: the kernel's readahead (MiBs) is waste
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        fds[shard] = fd  # most recently used last
+        return fd
+
+    def close(self) -> None:
+        """Close the open shard files (also done when the reader is garbage-collected)."""
+        if self.__dict__.get("_fds_pid") == os.getpid():
+            for fd in self.__dict__.get("_fds", {}).values():
+                os.close(fd)
+        self.__dict__["_fds"] = {}
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def _read_info(self) -> dict[str, list]:
         if self._info is None:
@@ -539,8 +570,8 @@ class CacheReader:
     def indices(self) -> torch.Tensor:
         return torch.tensor(self._read_info()["indices"], dtype=torch.long)
 
-    def __getstate__(self) -> dict:  # to DataLoader workers: without the metadata lists, if they were read
-        return {**self.__dict__, "_info": None}
+    def __getstate__(self) -> dict:  # to DataLoader workers: no metadata lists, no open files (each opens its own)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_fds_pid")} | {"_info": None}
 
 
 def _preadv(fd: int, buffer, offset: int) -> int:

@@ -86,15 +86,18 @@ class SampledLatents(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         index = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
-        mean = self.data.latent_mean[index].float()
-        std = self.data.latent_std[index].float()
+        if isinstance(self.data, CacheReader):  # one pass over the shard files for all three tensors
+            rows = self.data.read_rows(index)
+        else:
+            rows = {name: getattr(self.data, name)[index] for name in ("latent_mean", "latent_std", "text_embeds")}
+        mean, std = rows["latent_mean"].float(), rows["latent_std"].float()
         if all(isinstance(i, SeededIndex) for i in indices):
             noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(i.noise_seed))
                                  for i in indices])
         else:
             noise = torch.randn_like(mean)
         return {"latents": mean + std * noise,
-                "text_embeds": self.data.text_embeds[index].float(),
+                "text_embeds": rows["text_embeds"].float(),
                 "index": index}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

@@ -148,3 +148,31 @@ def test_export_is_hub_ready_card_metadata_grid_and_lora_load(tiny_sd_path, trai
     # a local base model without a Hub id: no base_model in the metadata (the Hub would refuse a path)
     plain = ModelCard.load(export_run(run, tmp_path / "plain", grid=False) / "README.md")
     assert plain.data.base_model is None and "<local>/" in plain.text
+
+
+def test_python_api_load_pipeline_samples_a_run_as_our_sampler_does(tiny_sd_path, trained_run, tmp_path):
+    """cm_lightning.load_pipeline(run) + sampling_kwargs(run): a diffusers pipeline with the LoRA and the MCD edge
+    jumps' scheduler, equal to our own sampler; an export of a local model needs base_model."""
+    import cm_lightning
+
+    edges = segment_edges(solver_grid(1000, 50), 4).tolist()
+    run = trained_run("edge_jumps", edges)
+    pipe = cm_lightning.load_pipeline(run, safety_checker=None, requires_safety_checker=False)
+    kwargs = cm_lightning.sampling_kwargs(run)
+    assert isinstance(pipe.scheduler, TCDScheduler)
+    assert kwargs == {"timesteps": [999, 779, 519, 259], "eta": 0.0, "guidance_scale": 1.0}
+    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run, merge_lora=False)
+    noise = drawer.noise(len(PROMPTS), seed=2)
+    mine = drawer.draw_latents(PROMPTS, steps=4, noise=noise)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPTS, latents=noise.clone(), output_type="latent", **kwargs).images
+    assert (mine - theirs).abs().max() < 1e-4
+
+    exported = export_run(run, tmp_path / "export", grid=False)
+    from cm_lightning.errors import UserError
+
+    with pytest.raises(UserError, match="pass base_model"):
+        cm_lightning.load_pipeline(exported)
+    again = cm_lightning.load_pipeline(exported, base_model=str(tiny_sd_path), safety_checker=None,
+                                       requires_safety_checker=False)
+    assert cm_lightning.sampling_kwargs(exported) == kwargs and isinstance(again.scheduler, TCDScheduler)
