@@ -74,6 +74,15 @@ def one_size(pairs: int, root: Path, workers: int, read_batches: int) -> dict:
             if count >= read_batches + 2:
                 break
         rates[f"workers{w}"] = round(seen / (time.perf_counter() - started))
+    # the same read from RAM (the first 2,000 pairs loaded), in this process under the same load: what the lazy
+    # read costs on top of SampledLatents' own work (float conversion and the latent noise)
+    subset = torch.arange(min(pairs, 2000))
+    ram = type("InRam", (), {"__len__": lambda self: len(subset), **reader.read_rows(subset)})()
+    dataset, order = SampledLatents(ram), torch.randperm(len(subset)).tolist()
+    started = time.perf_counter()
+    for first in range(0, len(order) - 7, 8):
+        dataset.__getitems__(order[first:first + 8])
+    rates["in_ram_workers0"] = round((len(order) // 8 * 8) / (time.perf_counter() - started))
     return {"pairs": pairs, "build_pairs_per_s": round(pairs / build_s), "build_s": round(build_s, 1),
             "disk_gib": round(disk / 2**30, 2), "sync_s": round(sync_s, 1), "open_s": round(open_s, 2),
             "read_samples_per_s_batch8": rates, "read_batches": read_batches,
