@@ -12,7 +12,7 @@ The Python API (imported on first use, so ``import cm_lightning`` does not impor
 
 __version__ = "0.1.0"
 
-_API = ("compose_config", "train_from_config", "load_pipeline", "sampling_kwargs", "export_lora", "evaluate_from_config")
+_API = ("compose_config", "train_from_config", "load_pipeline", "sampling_kwargs", "export_lora")
 __all__ = ["__version__", *_API]
 
 

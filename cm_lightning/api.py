@@ -100,18 +100,3 @@ def export_lora(run: str | Path, out: str | Path, **options: Any) -> Path:
     from .export import export_run
 
     return export_run(run, out, **options)
-
-
-def evaluate_from_config(overrides: Sequence[str] = (), *, output_dir: str | Path | None = None) -> Path:
-    """The shapes-world quality table (``python -m cm_lightning.shapes.evaluate OVERRIDES``); returns its folder."""
-    from datetime import datetime
-
-    from omegaconf import open_dict
-
-    from .shapes.evaluate import evaluate
-
-    cfg = compose_config("evaluate", overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir or Path("outputs", "evaluate",
-                                                      datetime.now().strftime("%Y-%m-%d_%H-%M-%S")))
-    return evaluate(cfg)

@@ -17,8 +17,7 @@ def test_import_is_light_and_the_api_is_listed():
                           capture_output=True, text=True, check=True)
     names, heavy = done.stdout.splitlines()
     assert heavy == "False False False"
-    for name in ("load_pipeline", "train_from_config", "sampling_kwargs", "export_lora", "evaluate_from_config",
-                 "compose_config"):
+    for name in ("load_pipeline", "train_from_config", "sampling_kwargs", "export_lora", "compose_config"):
         assert name in names and callable(getattr(cm_lightning, name)) and getattr(cm_lightning, name).__doc__
     with pytest.raises(AttributeError):
         cm_lightning.no_such_function
