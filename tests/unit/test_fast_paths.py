@@ -112,7 +112,7 @@ def test_graphed_student_gives_the_eager_outputs_and_gradients_as_weights_move(t
                 out = net(x, t, context)
             out.square().mean().backward()
             results.append((out.detach().clone(), torch.cat([p.grad.flatten() for p in params]).clone()))
-        tolerance = 1e-5 if dtype is None else 2e-2
+        tolerance = 1e-4 if dtype is None else 2e-2  # fp32: cuDNN may pick other algorithms (2.5e-5 seen on an H200)
         for graphed_value, eager_value in zip(*results):
             assert ((graphed_value - eager_value).norm() / eager_value.norm()).item() < tolerance
         with torch.no_grad():  # an optimizer step in place: the next replay must see the new weights
