@@ -53,7 +53,18 @@ def short_overrides(overrides, sweep_dir=None, params=None, exclude=()) -> str:
     pairs = [(k, o) for k, o in pairs if k not in exclude]
     keys = swept_keys(sweep_dir, params) if sweep_dir else set()
     chosen = [o for k, o in pairs if k in keys] or [o for _, o in pairs]
-    return ",".join(sorted(o.lstrip("+~") for o in chosen))
+    return ",".join(sorted(_rounded(o.lstrip("+~")) for o in chosen))
+
+
+def _rounded(override: str) -> str:
+    """``optimizer.lr=5.195586024325663e-05`` -> ``optimizer.lr=5.19559e-05`` (a sampler's floats, for names)."""
+    key, value = _split(override)
+    if "." in value or "e" in value.lower():
+        try:
+            return f"{key}={float(value):.6g}"
+        except ValueError:
+            pass
+    return override
 
 
 def job_dirname(overrides, num: Any = 0, sweep_dir: str | None = None, params=None) -> str:

@@ -66,3 +66,21 @@ def test_a_sweep_with_jobs_that_change_nothing_is_refused_before_any_job_runs(sw
         check_command_line("train", ["-m", "experiment=quickstart", *sweep])
     assert expected in str(refused.value) and "\n" not in str(refused.value)
     check_command_line("train", ["-m", "experiment=quickstart", "method=mcd", "boundaries=2,4"])  # a fine sweep
+
+
+def test_the_optuna_search_minimises_the_validation_teacher_gap(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install 'cm_lightning[optuna]'")
+    import yaml
+
+    sweep = tmp_path / "optuna"
+    result = run_train("hparams_search=mcd_optuna", "hydra.sweeper.n_trials=2", *tiny_job(tmp_path / "cache"),
+                       "trainer.max_steps=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"optimizer.lr", "lora.rank", "boundaries", "teacher_guidance.min",
+                                        "teacher_guidance.max"}
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["status"] == "done" for r in rows)
+    gaps = [float(r["val/teacher_gap"]) for r in rows]
+    assert best["best_value"] == pytest.approx(min(gaps), rel=1e-5)  # train returned the metric Optuna minimised
