@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 MAX_NAME = 120  # characters of a job folder's name before it is cut (file systems allow 255 bytes)
 EXCLUDED_FROM_NAMES = ("paths.output_dir", "paths.cache_dir", "paths.root_dir")  # where, not what
+NOT_IN_RUN_NAMES = ("paths.", "callbacks.", "logger", "hydra.")  # a single run's W&B name: what it trains
 
 
 def swept_keys(sweep_dir: str | Path, params=None) -> set[str]:
@@ -93,7 +94,8 @@ def run_name(fallback: str) -> str:
     if hydra is None:
         return fallback
     multirun = hydra.mode == RunMode.MULTIRUN
-    name = short_overrides(hydra.overrides.task, hydra.sweep.dir if multirun else None,
+    overrides = [o for o in hydra.overrides.task if multirun or not str(o).lstrip("+~").startswith(NOT_IN_RUN_NAMES)]
+    name = short_overrides(overrides, hydra.sweep.dir if multirun else None,
                            hydra.sweeper.get("params") if multirun else None, exclude=EXCLUDED_FROM_NAMES)
     return name or fallback
 

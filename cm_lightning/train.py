@@ -29,6 +29,7 @@ from .models.lora import lora_state_dict, save_lora_diffusers
 from .outputs import (check_finite, check_resume_identity, refuse_overwrite, resolve_ckpt_path, run_identity,
                       whole_folder)
 from .pipeline import RunInfo
+from .loggers import finish_runs
 from .sweeps import write_job_metrics
 
 log = logging.getLogger("cm_lightning.train")
@@ -97,6 +98,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # nodes without a _target_ are an experiment's settings for a callback or logger that was switched off
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if "_target_" in c]
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if "_target_" in c]
+    for logger in loggers:  # the whole resolved config is the run's config (W&B's config panel, hparams.yaml)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks += [RunState(run_identity(cfg)), StepSeeds(cfg.seed), NonFiniteSteps(cfg.max_nonfinite_steps)]
@@ -121,6 +124,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 OmegaConf.save(cfg, lora_dir / "train_config.yaml", resolve=True)
             log.info("LoRA weights written to %s", output_dir / "lora")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    finish_runs(loggers)
     if trainer.is_global_zero:  # what a sweep's summary table reads (cm_lightning.sweeps)
         write_job_metrics(output_dir, metrics, steps=trainer.global_step)
     return metrics
