@@ -132,6 +132,17 @@ TRAIN_VARIANTS = {
     "mcd": ["method=mcd", "boundaries=4"],
     "ct": ["method=ct"],
     "cd_compile": ["method=cd", "method.module.compile_blocks=true"],
+    # session 4: which UNet calls leave autocast (default: teacher and target), channels-last convolutions
+    "cd_autocast_all": ["method=cd", "method.module.half_precision_roles=[]"],
+    "cd_half_student": ["method=cd", "method.module.half_precision_roles=[teacher,target,student]"],
+    "cd_channels_last": ["method=cd", "method.module.channels_last=true"],
+    # issue 14: one GPU against DDP over two (nvidia-h200-x2), CUDA graphs on and off
+    "mcd_ddp2": ["method=mcd", "boundaries=4", "trainer=ddp", "trainer.devices=2"],
+    "mcd_ddp2_nographs": ["method=mcd", "boundaries=4", "trainer=ddp", "trainer.devices=2",
+                          "method.module.cuda_graphs=false"],
+    "mcd_nographs": ["method=mcd", "boundaries=4", "method.module.cuda_graphs=false"],
+    "cd_half_student_cl": ["method=cd", "method.module.half_precision_roles=[teacher,target,student]",
+                           "method.module.channels_last=true"],
 }
 
 
@@ -150,10 +161,17 @@ def measure_train(args, name: str, overrides: list[str], env: dict, tflops: floa
         return {**result, "log_tail": tail}
     summary = json.loads(profile.read_text())
     step = summary["step_seconds"]
+    devices = next((int(o.split("=")[1]) for o in overrides if o.startswith("trainer.devices=")), 1)
+    ranks = [json.loads(p.read_text()) for p in sorted(folder.glob("profile.rank*.json"))]
+    if ranks:  # DDP: every rank's step and its weights (equal when the gradients were all-reduced)
+        result["rank_step_ms"] = [round(r["step_seconds"] * 1000, 1) for r in [summary, *ranks]]
+        result["ranks_weights_agree"] = all(abs(r["trainable_sum"] - summary["trainable_sum"])
+                                            <= 1e-6 * max(1.0, abs(summary["trainable_sum"])) for r in ranks)
+        result["trainable_sums"] = [r["trainable_sum"] for r in [summary, *ranks]]
     method = next(o.split("=")[1] for o in overrides if o.startswith("method="))
     flops = FORWARDS_PER_SAMPLE[method] * UNET_TFLOP_PER_SAMPLE * args.batch if args.scale == "sd15" else None
     result.update({
-        "step_ms": round(step * 1000, 1), "samples_per_s": round(args.batch / step, 1),
+        "devices": devices, "step_ms": round(step * 1000, 1), "samples_per_s": round(args.batch * devices / step, 1),
         "tflop_per_step": flops, "mfu": round(flops / step / tflops, 3) if flops and tflops else None,
         "peak_memory_gib": summary["peak_memory_gib"], "phase_peak_memory_gib": summary["phase_peak_memory_gib"],
         "gpu_phase_ms": {k: round(v * 1000, 1) for k, v in summary["gpu_phase_seconds"].items()},
@@ -275,7 +293,7 @@ def main() -> None:
         train_variants(args.late_variants)
     cd = results["train"].get("cd")
     job_estimate = (cd["step_ms"] / 1000 * 1000 + 60) if isinstance(cd, dict) and "step_ms" in cd else None
-    if "job" in sections and job_estimate and elapsed() + job_estimate < args.budget_s:
+    if "job" in sections and (job_estimate is None or elapsed() + job_estimate < args.budget_s):
         steps = ["trainer.max_steps=1000"] if args.scale == "sd15" else ["trainer.max_steps=20"]
         results["job"] = measure_job(args, overrides + steps, env)
     elif "job" in sections:

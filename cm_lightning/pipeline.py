@@ -108,7 +108,21 @@ class Drawer:
 
     def __post_init__(self) -> None:
         network = unet_network(self.unet)
-        self.network = CudaGraphNetwork(network) if self.cuda_graphs and self.device.type == "cuda" else network
+        self.network = network
+        self._null_context: torch.Tensor | None = None  # the empty prompt's embedding, encoded once
+        if self.cuda_graphs and self.device.type == "cuda":
+            # at batch 1 every call is launch-bound: the text encoder and the VAE decoder too, not only the UNet
+            self.network = CudaGraphNetwork(network)
+            for name in ("text_forward", "decode_forward"):
+                call = getattr(self.encoders, name)
+                if not isinstance(call, CudaGraphNetwork):  # encoders shared by several drawers: wrapped once
+                    setattr(self.encoders, name, CudaGraphNetwork(call))
+
+    def null_context(self) -> torch.Tensor:
+        """The empty prompt's embedding [1, L, D] on the drawing device and dtype (encoded on first use)."""
+        if self._null_context is None:
+            self._null_context = self.encoders.encode_prompts([""]).to(self.device, self.dtype)
+        return self._null_context
 
     @classmethod
     def from_components(
@@ -147,7 +161,7 @@ class Drawer:
         so that a rerun gives the same images whatever else ran before.
         """
         noise = self.noise(len(prompts), seed) if noise is None else noise
-        null = self.encoders.encode_prompts([""])[0].to(self.device, self.dtype)
+        null = self.null_context()[0]
         out = []
         starts = range(0, len(prompts), batch_size)
         if progress:

@@ -38,7 +38,8 @@ log = logging.getLogger("cm_lightning.train")
 def build_module(cfg: DictConfig, components) -> L.LightningModule:
     """The method's LightningModule over the model's UNet, with the run's LoRA, optimizer and schedule."""
     # objects go in through the partial, not through instantiate (which would turn dataclasses into configs)
-    factory = build(cfg.method.module, _partial_=True)
+    # lists arrive as plain lists (not ListConfig): hyperparameters go into checkpoints loaded weights_only
+    factory = build(cfg.method.module, _partial_=True, _convert_="all")
     objects = dict(
         unet=components.unet,
         schedule=NoiseSchedule.from_scheduler_config(components.scheduler_config),

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cm_lightning.data.preprocess import image_to_tensor
+from cm_lightning.data.preprocess import bytes_to_unit_range, image_to_bytes
 from cm_lightning.data.sources import BadSample, CaptionedImageSource
 from cm_lightning.errors import UserError
 
@@ -71,7 +72,7 @@ class _Encoded:
     """What the image DataLoader yields for one batch: the good items stacked, the bad ones listed."""
 
     indices: list[int]
-    pixels: torch.Tensor  # [b, 3, R, R] float32 in [-1, 1]
+    pixels: torch.Tensor  # [b, 3, R, R] uint8 (made [-1, 1] floats on the encoders' device)
     captions: list[str]
     keys: list[str]
     bad: list[tuple[str, str]]  # (key, reason)
@@ -95,7 +96,7 @@ class _SourceImages(Dataset):
         try:
             item = self.source[index]
             key = item.key
-            return ("ok", index, image_to_tensor(item.image, self.resolution), item.caption, key)
+            return ("ok", index, image_to_bytes(item.image, self.resolution), item.caption, key)
         except BadSample as bad:
             return ("bad", index, bad.key, bad.reason)
         except Exception as error:  # noqa: BLE001 - any failure of one item is that item's problem
@@ -319,10 +320,17 @@ class LatentCache:
         metas, parts = {}, []
         bar = tqdm(total=sum(len(b) for b in batches), desc=f"encoding {self.source.name}", unit="img",
                    disable=not self.progress)
+        waited = encoding = 0.0  # where the build's time goes: decoding images (workers) or encoding (the device)
+        batches_in = iter(loader)
         with torch.no_grad(), bar:
-            for b, batch in enumerate(loader):
+            for b in range(len(batches)):
+                started = time.perf_counter()
+                batch = next(batches_in)
+                waited += time.perf_counter() - started
+                started = time.perf_counter()
                 if batch.indices:
-                    mean, std = self.encoders.encode_images(batch.pixels)
+                    pixels = bytes_to_unit_range(batch.pixels.to(self.encoders.device, non_blocking=True))
+                    mean, std = self.encoders.encode_images(pixels)
                     text = self.encoders.encode_prompts(batch.captions)
                     if mean.shape[1:] != (4, h, h) or std.shape != mean.shape or text.shape[0] != len(mean):
                         raise RuntimeError(
@@ -333,11 +341,14 @@ class LatentCache:
                                   text.to("cpu", torch.float16)))
                 else:
                     parts.append((batch, None, None, None))
+                encoding += time.perf_counter() - started  # the copies to the host above wait for the device
                 bar.update(len(batch.indices) + len(batch.bad))
                 if b in last_batch_of:
                     shard = last_batch_of[b]
                     metas[shard] = self._write_shard(shard, ranges[shard], parts)
                     parts = []
+        bound = "decoding images: more data.datamodule.num_workers" if waited > encoding else "the encoders"
+        log.info("cache: %.1f s waiting for decoded images, %.1f s encoding (bound by %s)", waited, encoding, bound)
         return metas
 
     def _write_shard(self, shard: int, span: tuple[int, int], parts: list) -> dict:

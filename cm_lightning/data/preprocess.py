@@ -34,9 +34,19 @@ def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
 
 def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """PIL image -> float32 tensor [3, resolution, resolution] in [-1, 1]."""
+    return bytes_to_unit_range(image_to_bytes(image, resolution))
+
+
+def image_to_bytes(image: Image.Image, resolution: int) -> torch.Tensor:
+    """PIL image -> uint8 tensor [3, resolution, resolution]: a quarter of the float32 bytes to move between
+    processes and to the GPU (the cache build converts with :func:`bytes_to_unit_range` on the device)."""
     image = resize_center_crop(to_rgb(image), resolution)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # a writable copy
+
+
+def bytes_to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] (0 -> -1, 255 -> 1), on whatever device they are."""
+    return pixels.float() / 127.5 - 1.0
 
 
 def tensor_to_image(pixels: torch.Tensor) -> Image.Image:

@@ -9,7 +9,7 @@ function (:meth:`consistency`) and the boundary a pair maps to (:meth:`boundary`
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -28,9 +28,20 @@ from .sampling import SamplerKind, generate_latents, unet_network
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 
 _HALF_DTYPES = {"16": torch.float16, "bf16": torch.bfloat16}
+ROLES = ("student", "teacher", "target")  # the three ways a training step calls the UNet
 # gradient_checkpointing='auto' switches it off on GPUs this large: SD1.5 at batch 8 trains in about 16 GiB without
 # it (benchmarks/speed.md), and recomputing every block costs about a third of the step.
 AUTO_CHECKPOINTING_GIB = 40
+
+
+def outside_autocast(net: Callable) -> Callable:
+    """``net`` run with autocast switched off: its inputs go in at the frozen weights' dtype (``unet_network``)."""
+
+    def call(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return net(x, t, context)
+
+    return call
 
 
 def compile_unet_blocks(unet: torch.nn.Module) -> int:
@@ -62,9 +73,14 @@ class ConsistencyModule(LatentTrainingModule):
             about half the time at SD1.5 size) or 'peft' (peft's own unmerged forward).
         compile_blocks: ``torch.compile`` each transformer and ResNet block of the UNet (regional compilation:
             blocks of one shape share their compiled code, so compiling takes far less than the whole UNet).
-        cuda_graphs: on one GPU, replay the teacher, the target and the student's forward and backward from CUDA
+        cuda_graphs: on GPUs, replay the teacher, the target and the student's forward and backward from CUDA
             graphs (the eager UNet at SD1.5 size and batch 8 is bound by the host, not the GPU). Off under gradient
-            checkpointing (memory first), DDP and an EMA target; anywhere else it falls back to eager by itself.
+            checkpointing (memory first) and an EMA target; anywhere else it falls back to eager by itself.
+        half_precision_roles: the UNet roles ('teacher', 'target', 'student') that run in the frozen weights' half
+            dtype outside autocast under a mixed-precision trainer, as inference runs the UNet. Autocast upcasts
+            every GroupNorm / LayerNorm / softmax to float32 and back, about a third of a bf16 UNet call at SD1.5
+            size (benchmarks/speed.md); the no-grad teacher and target do not need it. Empty: all under autocast.
+        channels_last: the UNet's convolutions in channels-last memory format (cuDNN's tensor-core layout).
         sample_steps: default number of steps for this method's sampler.
     """
 
@@ -87,6 +103,8 @@ class ConsistencyModule(LatentTrainingModule):
         lora_forward: str = "merged",
         compile_blocks: bool = False,
         cuda_graphs: bool = True,
+        half_precision_roles: Sequence[str] = ("teacher", "target"),
+        channels_last: bool = False,
         sample_steps: int = 4,
     ):
         super().__init__()
@@ -106,6 +124,11 @@ class ConsistencyModule(LatentTrainingModule):
             use_merged_lora_forward(unet)
         self.compile_blocks = compile_blocks
         self.cuda_graphs = cuda_graphs
+        unknown = set(half_precision_roles) - set(ROLES)
+        if unknown:
+            raise ValueError(f"method.half_precision_roles: {sorted(unknown)} not among {', '.join(ROLES)}")
+        self.half_precision_roles = frozenset(half_precision_roles)
+        self.channels_last = channels_last
         self.networks: dict[str, Callable] = {}  # per role (student, teacher, target): graph-replayed UNet calls
         if gradient_checkpointing not in (True, False, "auto"):
             raise ValueError(f"method.gradient_checkpointing={gradient_checkpointing!r} is not true, false or 'auto'")
@@ -144,8 +167,13 @@ class ConsistencyModule(LatentTrainingModule):
 
     def network(self, role: str) -> Callable:
         """The UNet as ``net(x_t, t, context)`` for ``role`` ('student', 'teacher', 'target'): a CUDA-graph replay
-        when :meth:`on_fit_start` set one up, else the plain call."""
-        return self.networks.get(role) or unet_network(self.unet)
+        when :meth:`on_fit_start` set one up, else the plain call (outside autocast for a half-precision role)."""
+        if role in self.networks:
+            return self.networks[role]
+        net = unet_network(self.unet)
+        if role in self.half_precision_roles:
+            return outside_autocast(net)
+        return net
 
     def student(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, role: str = "student") -> Prediction:
         return Denoiser(self.network(role), self.schedule)(x_t, t, context)
@@ -195,6 +223,8 @@ class ConsistencyModule(LatentTrainingModule):
         half = _HALF_DTYPES.get(precision.split("-")[0])
         if half is not None:  # frozen weights in the run's half dtype; LoRA stays float32 for the optimizer
             cast_for_training(self.unet, half)
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         if self.compile_blocks:
             compile_unet_blocks(self.unet)
         if self.gradient_checkpointing == "auto" and self._trainer is not None:
@@ -211,13 +241,19 @@ class ConsistencyModule(LatentTrainingModule):
 
     def graphed_networks(self) -> dict[str, Callable]:
         """CUDA-graph replays of the three UNet roles, where they are safe (see ``cuda_graphs``), else none."""
-        if not (self.cuda_graphs and self.device.type == "cuda" and self.trainer.world_size == 1 and self.ema is None
+        # DDP is fine: its all-reduce hooks sit on the LoRA weights' gradient accumulators, which run after the
+        # student's graphed backward returns the gradients (partial-network capture; no collective is captured)
+        if not (self.cuda_graphs and self.device.type == "cuda" and self.ema is None
                 and not self.unet.is_gradient_checkpointing):
             return {}
         half = _HALF_DTYPES.get(str(self.trainer.precision).split("-")[0])
-        return {"teacher": CudaGraphNetwork(unet_network(self.unet), half),
-                "target": CudaGraphNetwork(unet_network(self.unet), half),
-                "student": GraphedStudent(self.unet, half)}
+
+        def autocast_dtype(role: str) -> torch.dtype | None:  # None: captured outside autocast
+            return None if role in self.half_precision_roles else half
+
+        return {"teacher": CudaGraphNetwork(unet_network(self.unet), autocast_dtype("teacher")),
+                "target": CudaGraphNetwork(unet_network(self.unet), autocast_dtype("target")),
+                "student": GraphedStudent(self.unet, autocast_dtype("student"))}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = batch["latents"].float()

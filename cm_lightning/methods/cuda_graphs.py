@@ -33,7 +33,8 @@ def _autocast(dtype: torch.dtype | None):
 
 
 class CudaGraphNetwork:
-    """``net(x_t, t, context)`` replayed from a captured CUDA graph, one graph per input shape (no gradients).
+    """``net(*tensors) -> tensor`` (a UNet's ``(x_t, t, context)``, a VAE decoder, a text encoder) replayed from a
+    captured CUDA graph, one graph per input shape (no gradients).
 
     A UNet call at batch 1 is launch-bound (issue 10: 28 ms eager for ~1 ms of arithmetic at 512 px). The first
     call of each shape runs the network twice on a side stream to warm up, then captures it; later calls copy the
@@ -51,39 +52,39 @@ class CudaGraphNetwork:
         self.graphs: dict[tuple, tuple] = {}
         self.pool = None
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cuda":
-            return self.net(x, t, context)
-        key = tuple((tuple(v.shape), v.dtype) for v in (x, t, context)) + (torch.is_grad_enabled(),)
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if inputs[0].device.type != "cuda":
+            return self.net(*inputs)
+        key = tuple((tuple(v.shape), v.dtype) for v in inputs) + (torch.is_grad_enabled(),)
         if key not in self.graphs:
             try:
-                self.graphs[key] = self._capture(x, t, context)
+                self.graphs[key] = self._capture(inputs)
             except RuntimeError as error:  # never lose a run to a capture: say so once and stay eager
                 log.warning("CUDA graph capture failed (%s); running eagerly", str(error).splitlines()[0])
                 self.graphs[key] = None
         if self.graphs[key] is None:
-            return self.net(x, t, context)
-        graph, inputs, output = self.graphs[key]
-        for buffer, value in zip(inputs, (x, t, context)):
+            return self.net(*inputs)
+        graph, buffers, output = self.graphs[key]
+        for buffer, value in zip(buffers, inputs):
             buffer.copy_(value)
         graph.replay()
         return output.clone()
 
     @torch.no_grad()
-    def _capture(self, x, t, context) -> tuple:
-        inputs = (x.clone(), t.clone(), context.clone())
+    def _capture(self, inputs: tuple[torch.Tensor, ...]) -> tuple:
+        buffers = tuple(v.clone() for v in inputs)
         with _autocast(self.autocast_dtype):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.net(*inputs)
+                    self.net(*buffers)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                output = self.net(*inputs)
+                output = self.net(*buffers)
         self.pool = graph.pool()
-        return graph, inputs, output
+        return graph, buffers, output
 
 
 class _UNetCall(torch.nn.Module):
@@ -128,4 +129,5 @@ class GraphedStudent:
                 self.graphed = False
         if usable and self.graphed and key == self.key:
             return self.graphed(x, t, context)
-        return self.call(x, t, context)
+        with _autocast(self.autocast_dtype):  # eager, in the same precision as the graph would have run
+            return self.call(x, t, context)

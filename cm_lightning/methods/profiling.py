@@ -133,8 +133,13 @@ class StepProfiler(L.Callback):
 
     def on_train_end(self, trainer, module) -> None:
         module.step_profiler = None
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.out.write_text(json.dumps(self.summary(module), indent=1))
+        summary = self.summary(module)
+        # every rank's trainable weights, summed: under DDP they must agree (the gradients were all-reduced)
+        summary["trainable_sum"] = float(sum(p.detach().double().sum() for p in module.parameters() if p.requires_grad))
+        summary["world_size"] = trainer.world_size
+        out = self.out if trainer.global_rank == 0 else self.out.with_suffix(f".rank{trainer.global_rank}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=1))
 
     # ------------------------------------------------------------------ the summary
     def summary(self, module) -> dict:

@@ -44,6 +44,9 @@ class FrozenEncoders:
         self.identity_source = identity_source
         self.scaling_factor: float = float(vae.config.scaling_factor)
         self.vae_scale: int = 2 ** (len(vae.config.block_out_channels) - 1)
+        # the two drawing-time calls as plain tensor functions: a Drawer on a GPU replaces them by CUDA-graph replays
+        self.text_forward = self._text_encoder_call
+        self.decode_forward = self._vae_decode_call
         self.to(device)
 
     @classmethod
@@ -89,13 +92,19 @@ class FrozenEncoders:
             return_tensors="pt",
         ).input_ids
         # No attention mask: SD1.5 was trained on the embeddings of the padded sequence.
-        return self.text_encoder(ids.to(self.device))[0].float()
+        return self.text_forward(ids.to(self.device)).float()
 
     @torch.inference_mode()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Scaled latents [B, C, h, w] -> pixels [B, 3, h*s, w*s] float32, clamped to [-1, 1]."""
-        pixels = self.vae.decode(latents.to(self.device, self.dtype) / self.scaling_factor).sample
+        pixels = self.decode_forward(latents.to(self.device, self.dtype) / self.scaling_factor)
         return pixels.float().clamp(-1, 1)
+
+    def _text_encoder_call(self, ids: Tensor) -> Tensor:
+        return self.text_encoder(ids)[0]
+
+    def _vae_decode_call(self, latents: Tensor) -> Tensor:
+        return self.vae.decode(latents).sample
 
     def identity(self) -> dict:
         """JSON-able description that changes when the encoders would give other outputs (for cache keys).

@@ -146,4 +146,55 @@ def test_step_profiler_times_every_step_and_phase_of_a_real_run(tmp_path, conf_d
     assert {"teacher", "student_forward", "target", "backward", "optimizer", "step"} <= set(phases)
     assert all(v > 0 for v in phases.values())
     inner = sum(v for k, v in phases.items() if k != "step")
-    assert inner <= phases["step"] * 1.05 and summary["step_seconds"] >= phases["step"] * 0.95
+    # medians of phases need not add up to the median step exactly; a loaded CI machine moves each by tens of %
+    assert inner <= phases["step"] * 1.5 and summary["step_seconds"] >= phases["step"] * 0.67
+
+
+def test_half_precision_roles_run_the_unet_outside_autocast(tiny_sd_path):
+    """Under a mixed-precision trainer the teacher and target run as inference does (pure half dtype, autocast off
+    inside the UNet call), the student under the trainer's autocast."""
+    from cm_lightning.diffusion.schedule import NoiseSchedule
+    from cm_lightning.methods.cd import ConsistencyDistillation
+    from cm_lightning.methods.sampling import unet_network
+    from cm_lightning.models.lora import cast_for_training
+
+    components = load_components(str(tiny_sd_path))
+    module = ConsistencyDistillation(
+        components.unet, NoiseSchedule.from_scheduler_config(components.scheduler_config),
+        lora={"rank": 4, "alpha": 4}, optimizer=lambda params: torch.optim.AdamW(params),
+    )
+    cast_for_training(module.unet, torch.bfloat16)
+    assert module.half_precision_roles == {"teacher", "target"}
+    generator = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=generator), torch.tensor([10, 700])
+    context = torch.randn(2, 77, module.unet.config.cross_attention_dim, generator=generator)
+    autocast_seen = []
+    module.unet.register_forward_pre_hook(lambda *_: autocast_seen.append(torch.is_autocast_enabled("cpu")))
+    with torch.no_grad():
+        pure = unet_network(module.unet)(x, t, context)  # no autocast: bf16 throughout
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            teacher, target = module.network("teacher")(x, t, context), module.network("target")(x, t, context)
+            module.network("student")(x, t, context)
+    assert autocast_seen == [False, False, False, True]
+    assert torch.equal(teacher, pure) and torch.equal(target, pure)
+    with pytest.raises(ValueError, match="half_precision_roles"):
+        ConsistencyDistillation(
+            load_components(str(tiny_sd_path)).unet, module.schedule, lora={"rank": 4},
+            optimizer=lambda params: torch.optim.AdamW(params), half_precision_roles=["teachr"],
+        )
+
+
+@needs_gpu
+def test_drawer_with_graphed_encoders_draws_what_the_eager_drawer_draws(tiny_sd_path):
+    """The drawing fast path (UNet, text encoder and VAE decoder replayed from CUDA graphs, the empty prompt
+    encoded once) gives the eager path's images, batch after batch."""
+    from cm_lightning.pipeline import load_drawer
+
+    images = []
+    for graphs in (True, False):
+        drawer, _ = load_drawer(load_components(str(tiny_sd_path)), None, device="cuda", cuda_graphs=graphs)
+        images.append([drawer.draw(["a red circle", "a blue square"], steps=4, seed=seed, guidance_scale=3.0)
+                       for seed in (0, 1)])
+    for graphed, eager in zip(*images):
+        torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(images[0][0], images[0][1])  # two seeds, two different images
