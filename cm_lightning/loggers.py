@@ -35,8 +35,11 @@ def wandb_logger(**kwargs: Any):
         os.environ["WANDB_MODE"] = "offline"
         log.info("W&B: no API key (WANDB_API_KEY or `wandb login`): logging offline under %s; "
                  "`wandb sync` uploads it later", kwargs.get("save_dir", "."))
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
+    if wandb.run is not None:  # left open by an earlier run in this process that failed: WandbLogger would reuse it
+        wandb.finish()
     return WandbLogger(**kwargs)
 
 
