@@ -60,7 +60,7 @@ def compare(cfg: DictConfig) -> Path:
     rows = []
     for steps in cfg.teacher_steps:
         images = teacher.draw(prompts, steps=steps, guidance_scale=cfg.teacher_guidance, noise=noise,
-                              seed=cfg.seed, batch_size=cfg.batch_size)
+                              seed=cfg.seed, batch_size=cfg.batch_size, progress=True)
         rows.append((f"teacher {steps}", images))
     del teacher
     for method in METHODS:
@@ -69,7 +69,7 @@ def compare(cfg: DictConfig) -> Path:
                                     encoder_dtype=encoder_dtype)
         steps = info.sample_steps if method == "mcd" else cfg.steps
         images = student.draw(prompts, steps=steps, guidance_scale=cfg.student_guidance, noise=noise,
-                              seed=cfg.seed, batch_size=cfg.batch_size)
+                              seed=cfg.seed, batch_size=cfg.batch_size, progress=True)
         rows.append((f"{method.upper()} {steps}", images))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "compare.png"

@@ -39,7 +39,7 @@ def evaluate(cfg: DictConfig) -> Path:
     dtype = parse_dtype(cfg.dtype, "dtype") if device.type == "cuda" else torch.float32
     results, figures = evaluate_rows(cfg.teacher, rows, prompt_sets, reference=cfg.reference, seed=cfg.seed,
                                      device=device, dtype=dtype, batch_size=cfg.batch_size,
-                                     figure_count=cfg.figure_count)
+                                     figure_count=cfg.figure_count, progress=True)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(
