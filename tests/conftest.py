@@ -1,5 +1,6 @@
 """Shared fixtures (the only place for them: no test module imports another): the real configs' folder, the tiny
-SD1.5-layout model that stands in for the real one, toy frozen encoders, the shipped shapes judge."""
+SD1.5-layout model that stands in for the real one, a run folder with random LoRA weights, toy frozen encoders, the
+shipped shapes judge."""
 
 import hashlib
 from pathlib import Path
@@ -30,6 +31,34 @@ def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_components(tiny_sd_path: Path) -> SDComponents:
     """A fresh load of the tiny model's parts (float32), free to modify in a test."""
     return load_components(str(tiny_sd_path))
+
+
+@pytest.fixture
+def trained_run(tiny_sd_path: Path, tmp_path: Path):
+    """A factory ``make(method, sampler, sample_steps=4, num_solver_steps=50, edges=None)`` for a run folder as
+    train.py writes it (``tmp_path / "run"``), with random (non-zero) LoRA weights standing in for trained ones
+    (rank 4, alpha 8: alpha != rank, so a dropped lora_alpha changes what is drawn)."""
+    from cm_lightning.models.lora import add_lora, save_lora_diffusers
+    from cm_lightning.pipeline import RunInfo
+
+    lora = {"rank": 4, "alpha": 8, "dropout": 0.0}
+
+    def make(method: str, sampler: str, sample_steps: int = 4, num_solver_steps: int = 50,
+             edges: list[int] | None = None) -> Path:
+        components = load_components(str(tiny_sd_path))
+        add_lora(components.unet, **lora)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in components.unet.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+        folder = tmp_path / "run"
+        save_lora_diffusers(components.unet, folder / "lora")
+        options = {"num_solver_steps": num_solver_steps, **({"edges": edges} if edges is not None else {})}
+        RunInfo(method, sampler, sample_steps, options, lora, str(tiny_sd_path)).write(folder / "lora")
+        return folder
+
+    return make
 
 
 @pytest.fixture(scope="module")

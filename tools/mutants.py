@@ -94,8 +94,8 @@ MUTANTS = [
            "torch.cat([null.to(context.dtype), context])", "torch.cat([context, context])",
            (STEPS + "test_teacher_step_is_ddim_scheduler_step_on_guided_teacher",)),
     Mutant("empty-prompt embedding replaced by zeros when sampling", "cm_lightning/pipeline.py",
-           'null = self.encoders.encode_prompts([""])[0].to(self.device, self.dtype)',
-           'null = torch.zeros_like(self.encoders.encode_prompts([""])[0]).to(self.device, self.dtype)',
+           'self._null_context = self.encoders.encode_prompts([""]).to(self.device, self.dtype)',
+           'self._null_context = torch.zeros_like(self.encoders.encode_prompts([""])).to(self.device, self.dtype)',
            (EXPORT + "test_cd_export_on_a_25_step_grid_reproduces_our_sampler_with_guidance",)),
     Mutant("empty-prompt embedding replaced by zeros in the latent cache", "cm_lightning/data/cache.py",
            'null = self.encoders.encode_prompts([""])[0].to("cpu", torch.float16).contiguous()',
@@ -257,7 +257,9 @@ def main() -> int:
         def job(mutant: Mutant) -> tuple[str, str]:
             tree = free.pop()
             try:
-                return check(tree, mutant)
+                result, summary = check(tree, mutant)
+                print(f"  {mutant.name}: {result} ({summary})", flush=True)  # progress: the table comes at the end
+                return result, summary
             finally:
                 free.append(tree)
 
@@ -273,10 +275,15 @@ def main() -> int:
               f"({time.time() - started:.0f} s, {args.jobs} jobs).")
     print(table + footer)
     if args.out:
+        import torch  # only for the header: the version the table was measured with
+
+        command = " ".join(["python", "tools/mutants.py", *sys.argv[1:]])
         header = ("# Mutants: every wrong formula fails a fast test\n\n"
                   "Written by `make mutants` (`tools/mutants.py`): each row is one exact text replacement in the "
                   "package, and the fast tests (in `make test`) named to catch it; *caught* means they fail on the "
-                  "mutant (and pass without it). The pytest summary of the mutated run is in brackets.\n\n")
+                  "mutant (and pass without it). The pytest summary of the mutated run is in brackets.\n\n"
+                  f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
+                  f"python {sys.version.split()[0]}, command `{command}`.\n\n")
         args.out.write_text(header + table + "\n" + footer.strip() + "\n")
     return 1 if survivors else 0
 

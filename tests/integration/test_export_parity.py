@@ -1,10 +1,13 @@
 """An exported LoRA, loaded into a plain diffusers pipeline, reproduces the project's own samplers (fp32, 1e-4).
 
 CD/CT via LCMScheduler, MCD via TCDScheduler (eta = 0, edge timesteps), and the teacher's DDIM via DDIMScheduler.
+The pipeline gets the scheduler class the export declares (as its model card tells users to load it), so an export
+naming the wrong scheduler draws something else.
 """
 
 from __future__ import annotations
 
+import diffusers
 import pytest
 import torch
 from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline, TCDScheduler
@@ -12,33 +15,9 @@ from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline, TCDS
 from cm_lightning.diffusion.grid import edge_jump_timesteps, segment_edges, solver_grid
 from cm_lightning.export import export_run
 from cm_lightning.models.components import load_components
-from cm_lightning.models.lora import add_lora, save_lora_diffusers
-from cm_lightning.pipeline import RunInfo, load_drawer
+from cm_lightning.pipeline import load_drawer
 
 PROMPTS = ["a small red circle at the top left, on a white background", "a large blue star in the center"]
-LORA = {"rank": 4, "alpha": 8, "dropout": 0.0}
-
-
-@pytest.fixture
-def trained_run(tiny_sd_path, tmp_path):
-    """A run folder as train.py writes it, with random (non-zero) LoRA weights standing in for trained ones."""
-
-    def make(sampler: str, edges: list[int] | None = None):
-        components = load_components(str(tiny_sd_path))
-        add_lora(components.unet, **LORA)
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, param in components.unet.named_parameters():
-                if "lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-        folder = tmp_path / "run" / "lora"
-        save_lora_diffusers(components.unet, folder)
-        method = {"multistep": "cd", "edge_jumps": "mcd"}[sampler]
-        options = {"num_solver_steps": 50} if edges is None else {"num_solver_steps": 50, "edges": edges}
-        RunInfo(method, sampler, 4, options, LORA, str(tiny_sd_path)).write(folder)
-        return tmp_path / "run"
-
-    return make
 
 
 def pipeline(tiny_sd_path, scheduler) -> StableDiffusionPipeline:
@@ -48,19 +27,22 @@ def pipeline(tiny_sd_path, scheduler) -> StableDiffusionPipeline:
     return pipe
 
 
-def ours(tiny_sd_path, run, **draw):
-    drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run, merge_lora=False)
-    return drawer, drawer.draw_latents(PROMPTS, **draw)
+def exported_scheduler(exported, expected: type):
+    """The scheduler as a user loads it: the class the exported config names (any scheduler class reads it)."""
+    name = DDIMScheduler.load_config(exported, subfolder="scheduler")["_class_name"]
+    scheduler = getattr(diffusers, name).from_pretrained(exported, subfolder="scheduler")
+    assert isinstance(scheduler, expected), name
+    return scheduler
 
 
 def test_cd_export_reproduces_our_multistep_sampler_with_lcm_scheduler(tiny_sd_path, trained_run, tmp_path):
-    run = trained_run("multistep")
+    run = trained_run("cd", "multistep")
     exported = export_run(run, tmp_path / "export")
     drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run, merge_lora=False)
     noise = drawer.noise(len(PROMPTS), seed=3)
     mine = drawer.draw_latents(PROMPTS, steps=4, noise=noise, generator=torch.Generator().manual_seed(7))
 
-    pipe = pipeline(tiny_sd_path, LCMScheduler.from_pretrained(exported, subfolder="scheduler"))
+    pipe = pipeline(tiny_sd_path, exported_scheduler(exported, LCMScheduler))
     pipe.load_lora_weights(exported)
     theirs = pipe(PROMPTS, num_inference_steps=4, guidance_scale=1.0, latents=noise.clone(),
                   generator=torch.Generator().manual_seed(7), output_type="latent").images
@@ -74,13 +56,13 @@ def test_cd_export_reproduces_our_multistep_sampler_with_lcm_scheduler(tiny_sd_p
 
 def test_mcd_export_reproduces_our_edge_jumps_with_tcd_scheduler(tiny_sd_path, trained_run, tmp_path):
     edges = segment_edges(solver_grid(1000, 50), 4).tolist()
-    run = trained_run("edge_jumps", edges)
+    run = trained_run("mcd", "edge_jumps", edges=edges)
     exported = export_run(run, tmp_path / "export")
     drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run, merge_lora=False)
     noise = drawer.noise(len(PROMPTS), seed=5)
     mine = drawer.draw_latents(PROMPTS, steps=4, noise=noise)
 
-    pipe = pipeline(tiny_sd_path, TCDScheduler.from_pretrained(exported, subfolder="scheduler"))
+    pipe = pipeline(tiny_sd_path, exported_scheduler(exported, TCDScheduler))
     pipe.load_lora_weights(exported)
     timesteps = edge_jump_timesteps(torch.tensor(edges), 1000).tolist()
     assert timesteps == [999, 779, 519, 259]
@@ -107,7 +89,7 @@ def test_teacher_ddim_matches_diffusers_ddim_pipeline(tiny_sd_path, steps):
 def test_mcd_sampler_refuses_a_step_count_that_does_not_fit_the_edges(tiny_sd_path, trained_run):
     from cm_lightning.errors import UserError
 
-    run = trained_run("edge_jumps", [0, 259, 519, 779])
+    run = trained_run("mcd", "edge_jumps", edges=[0, 259, 519, 779])
     drawer, _ = load_drawer(load_components(str(tiny_sd_path)), run, merge_lora=False)
     with pytest.raises(UserError, match="samples in exactly 4 steps"):
         drawer.draw_latents(PROMPTS, steps=2)

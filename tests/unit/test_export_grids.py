@@ -14,29 +14,11 @@ from diffusers import LCMScheduler, StableDiffusionPipeline, TCDScheduler
 from cm_lightning.diffusion.grid import edge_jump_timesteps, lcm_timesteps, segment_edges, solver_grid
 from cm_lightning.export import export_run
 from cm_lightning.models.components import load_components
-from cm_lightning.models.lora import add_lora, save_lora_diffusers
-from cm_lightning.pipeline import RunInfo, load_drawer
+from cm_lightning.pipeline import load_drawer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["a small red circle at the top left, on a white background", "a large blue star in the center"]
-LORA = {"rank": 4, "alpha": 8, "dropout": 0.0}
-
-
-def trained_run(tiny_sd_path, folder, method: str, sampler: str, sample_steps: int, num_solver_steps: int,
-                edges: list[int] | None = None):
-    """A run folder as train.py writes it, with random (non-zero) LoRA weights standing in for trained ones."""
-    components = load_components(str(tiny_sd_path))
-    add_lora(components.unet, **LORA)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in components.unet.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    save_lora_diffusers(components.unet, folder / "lora")
-    options = {"num_solver_steps": num_solver_steps, **({"edges": edges} if edges is not None else {})}
-    RunInfo(method, sampler, sample_steps, options, LORA, str(tiny_sd_path)).write(folder / "lora")
-    return folder
 
 
 def pipeline(tiny_sd_path, scheduler, exported) -> StableDiffusionPipeline:
@@ -47,9 +29,9 @@ def pipeline(tiny_sd_path, scheduler, exported) -> StableDiffusionPipeline:
     return pipe
 
 
-def test_cd_export_on_a_25_step_grid_reproduces_our_sampler_with_guidance(tiny_sd_path, tmp_path):
+def test_cd_export_on_a_25_step_grid_reproduces_our_sampler_with_guidance(tiny_sd_path, trained_run, tmp_path):
     num_solver_steps, steps, guidance = 25, 4, 3.0
-    run = trained_run(tiny_sd_path, tmp_path / "run", "cd", "multistep", steps, num_solver_steps)
+    run = trained_run("cd", "multistep", steps, num_solver_steps)
     exported = export_run(run, tmp_path / "export")
     scheduler = LCMScheduler.from_pretrained(exported, subfolder="scheduler")
     assert scheduler.config.original_inference_steps == num_solver_steps
@@ -69,11 +51,11 @@ def test_cd_export_on_a_25_step_grid_reproduces_our_sampler_with_guidance(tiny_s
 
 
 def test_mcd_export_with_three_segments_on_a_25_step_grid_reproduces_our_edge_jumps_with_guidance(
-    tiny_sd_path, tmp_path
+    tiny_sd_path, trained_run, tmp_path
 ):
     edges = segment_edges(solver_grid(1000, 25), 3).tolist()
     assert edges == [0, 359, 719]
-    run = trained_run(tiny_sd_path, tmp_path / "run", "mcd", "edge_jumps", 3, 25, edges)
+    run = trained_run("mcd", "edge_jumps", 3, 25, edges)
     exported = export_run(run, tmp_path / "export")
     scheduler = TCDScheduler.from_pretrained(exported, subfolder="scheduler")
     assert scheduler.config.original_inference_steps == 25
