@@ -1,7 +1,9 @@
 # cm_lightning: `make help` lists the targets.
 PYTHON ?= python
-# The CPU build on this project's machines; on a GPU box: make install TORCH=torch
+# The CPU build on this project's machines; on a GPU box: make install TORCH=torch (PyPI's Linux wheel is CUDA's).
+# Elsewhere, a CPU-only torch: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 PYTEST ?= $(PYTHON) -m pytest
 
 .DEFAULT_GOAL := help
@@ -11,7 +13,7 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 install:  ## install torch ($(TORCH)) and the package with its dev tools (editable)
-	$(PYTHON) -m pip install -q "$(TORCH)"
+	$(PYTHON) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
 test:  ## the test suite CI runs (CPU, under 15 minutes)
@@ -26,7 +28,7 @@ mutants:  ## apply each curated wrong formula to a copy of the package; every on
 train:  ## CD on the tiny random model, CPU, 20 steps (the quickstart)
 	$(PYTHON) -m cm_lightning.train experiment=quickstart
 
-demo:  ## distill the shipped shapes teacher with MCD (K=4) on CPU; writes the figure and the metrics
+demo: install  ## install, then distill the shipped shapes teacher with MCD (K=4) on CPU; writes the figure and the metrics
 	$(PYTHON) -m cm_lightning.shapes.demo
 
 figure:  ## the seed's five-row figure on the tiny model (trains CT, CD, MCD briefly first)

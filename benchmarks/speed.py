@@ -191,9 +191,9 @@ def measure_sampling(args, runs: dict, device: torch.device) -> dict:
     cases = [("mcd", runs.get("mcd"), 4, 1.0), ("cd", runs.get("cd"), 4, 1.0), ("teacher", None, 50, 7.5)]
     out = {}
     for name, run_dir, steps, guidance in cases:
-        if name != "teacher" and run_dir is None:
+        if (name != "teacher" and run_dir is None) or name not in args.sample_cases.split(","):
             continue
-        for fast in (False, True):
+        for fast in [mode == "fast" for mode in args.sample_modes.split(",")]:
             components = load_components(str(args.work / "model"))
             drawer, _ = load_drawer(components, run_dir, device=device, dtype=dtype, encoder_dtype=dtype,
                                     merge_lora=fast, cuda_graphs=fast)
@@ -215,6 +215,37 @@ def measure_sampling(args, runs: dict, device: torch.device) -> dict:
             del drawer, components
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    return out
+
+
+def calibrate_vae_layout(args, device: torch.device) -> dict:
+    """A side calibration (not an entry point) to choose the VAE's memory format: FrozenEncoders' encode at batch 64
+    (the cache build) and decode at batch 1 (drawing), channels-last against contiguous, median of 5 / 10."""
+    if device.type != "cuda":
+        return {}
+    from cm_lightning.models.components import load_components
+    from cm_lightning.models.encoders import FrozenEncoders
+
+    encoders = FrozenEncoders.from_components(load_components(str(args.work / "model")), device=device,
+                                              dtype=torch.bfloat16)
+    pixels = torch.rand(64, 3, 512, 512, device=device) * 2 - 1
+    latents = torch.randn(1, 4, 64, 64, device=device)
+    out = {}
+    for name, layout in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+        encoders.vae.to(memory_format=layout)
+        encoders.memory_format = layout
+        for label, call, repeats in (("encode_b64_ms", lambda: encoders.encode_images(pixels), 5),
+                                     ("decode_b1_ms", lambda: encoders.decode_latents(latents), 10)):
+            times = []
+            for i in range(2 + repeats):
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                call()
+                torch.cuda.synchronize()
+                if i >= 2:
+                    times.append((time.perf_counter() - started) * 1000)
+            out[f"{name}_{label}"] = round(statistics.median(times), 1)
+    print("vae layout", out, flush=True)
     return out
 
 
@@ -244,6 +275,8 @@ def main() -> None:
     parser.add_argument("--sections", default="prepare,train,reference,sample,job")
     parser.add_argument("--reference", default="no_ckpt,ckpt", help="reference loop variants")
     parser.add_argument("--budget-s", type=float, default=560, help="stop starting new sections after this")
+    parser.add_argument("--sample-cases", default="mcd,cd,teacher", help="what the sample section draws")
+    parser.add_argument("--sample-modes", default="plain,fast", help="plain (eager, LoRA unmerged) and/or fast")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -261,6 +294,9 @@ def main() -> None:
         results["prepare"] = measure_prepare(args, overrides, env)
         save(results, args.out)
         print("prepare", results["prepare"].get("images_per_s"), "images/s", flush=True)
+    if "vae_layout" in sections:
+        results["vae_layout"] = calibrate_vae_layout(args, device)
+        save(results, args.out)
     results["train"] = {}
 
     def train_variants(names: str) -> None:

@@ -23,6 +23,7 @@ def asset_path(name: str) -> str:
 
 
 OmegaConf.register_new_resolver("asset", asset_path, replace=True)
+from . import sweeps  # noqa: E402,F401  (registers the job_dirname / run_name / run_group resolvers)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -20,6 +20,7 @@ from .errors import UserError
 from .figures import labelled_rows
 from .pipeline import Drawer, load_drawer
 from .prompts import read_prompts
+from .conf_dir import CONF_PATH
 
 log = logging.getLogger("cm_lightning.compare")
 METHODS = ("ct", "cd", "mcd")
@@ -59,7 +60,7 @@ def compare(cfg: DictConfig) -> Path:
     rows = []
     for steps in cfg.teacher_steps:
         images = teacher.draw(prompts, steps=steps, guidance_scale=cfg.teacher_guidance, noise=noise,
-                              seed=cfg.seed, batch_size=cfg.batch_size)
+                              seed=cfg.seed, batch_size=cfg.batch_size, progress=True)
         rows.append((f"teacher {steps}", images))
     del teacher
     for method in METHODS:
@@ -68,7 +69,7 @@ def compare(cfg: DictConfig) -> Path:
                                     encoder_dtype=encoder_dtype)
         steps = info.sample_steps if method == "mcd" else cfg.steps
         images = student.draw(prompts, steps=steps, guidance_scale=cfg.student_guidance, noise=noise,
-                              seed=cfg.seed, batch_size=cfg.batch_size)
+                              seed=cfg.seed, batch_size=cfg.batch_size, progress=True)
         rows.append((f"{method.upper()} {steps}", images))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "compare.png"
@@ -77,7 +78,7 @@ def compare(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="compare")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     print(compare(cfg))

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+from .conf_dir import CONF  # noqa: E402 - the package's configs (wheel) or the checkout's conf/
 
 # Lightning's precision names (lightning.fabric.connector._PRECISION_INPUT_STR), as the trainer accepts them
 PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
@@ -60,7 +60,9 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
     except HydraException as error:
         raise UserError(f"bad override: {str(error).splitlines()[0]}") from None
     _check_group_choices(overrides)
+    _check_sweeper_installed(overrides)
     if args.multirun:
+        check_sweep(config_name, overrides)
         return
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -68,6 +70,73 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
     except HydraException as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise UserError("; ".join(lines[:2])) from None
+
+
+def _check_sweeper_installed(overrides) -> None:
+    """``hparams_search=mcd_optuna`` (or ``hydra/sweeper=optuna``) needs the optional Optuna sweeper plugin."""
+    import importlib.util
+
+    wants_optuna = any(
+        (o.key_or_group == "hparams_search" and "optuna" in str(o.value()))
+        or (o.key_or_group == "hydra/sweeper" and o.value() == "optuna") for o in overrides)
+    if wants_optuna and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        raise UserError("the Optuna sweeper is not installed: pip install 'cm_lightning[optuna]' "
+                        "(or pip install hydra-optuna-sweeper)")
+
+
+MAX_CHECKED_JOBS = 256  # composing one job takes ~0.1 s
+
+
+def check_sweep(config_name: str, overrides) -> None:
+    """A multirun's jobs, composed up front (Hydra's basic sweeper's cartesian product): a job that cannot compose,
+    a train job that gives ``boundaries`` to a method without segments, or two jobs that compose the same config
+    (an override that changes nothing) is refused before the first job runs. Sweeps the basic sweeper does not
+    expand (Optuna's ``interval(...)``, a sweeper's own ``params``) are left to the sweeper."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.errors import HydraException
+
+    task = [o for o in overrides if not o.key_or_group.startswith("hydra")]
+    if any(o.is_sweep_override() and not o.is_discrete_sweep() for o in task) or any(
+            o.key_or_group in ("hparams_search", "hydra/sweeper") for o in overrides):
+        return
+    jobs = BasicSweeper.split_arguments(task, None)[0]
+    if len(jobs) > MAX_CHECKED_JOBS:
+        return
+    swept = {o.get_key_element() for o in task if o.is_sweep_override()}
+
+    def describe(job: list[str]) -> str:  # the job's swept values: what tells it from the others
+        return " ".join(x for x in job if x.split("=")[0] in swept) or " ".join(job)
+    seen: dict[str, int] = {}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for num, job in enumerate(jobs):
+            try:
+                cfg = compose(config_name, overrides=job)
+            except HydraException as error:
+                first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+                raise UserError(f"sweep job {num} ({describe(job)}): {first}") from None
+            if config_name == "train":
+                try:
+                    check_boundaries(cfg)
+                except UserError as error:
+                    raise UserError(f"sweep job {num} ({describe(job)}): {error}; sweep boundaries in a command "
+                                    "of its own with method=mcd") from None
+            key = _comparable(cfg)
+            if key in seen:
+                raise UserError(f"sweep jobs {seen[key]} and {num} compose the same config "
+                                f"({describe(jobs[seen[key]])} | {describe(job)}): an override changes nothing; "
+                                "drop the repeated value")
+            seen[key] = num
+
+
+def _comparable(cfg: DictConfig) -> str:
+    """The job's config as text, resolved where it can be (``${hydra:...}`` is not available before a job runs)."""
+    if "paths" in cfg and "output_dir" in cfg.paths:
+        cfg.paths.output_dir = "<job folder>"
+    try:
+        return OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True))
+    except Exception:  # an interpolation only a running job can resolve
+        return OmegaConf.to_yaml(cfg)
 
 
 def declared_keys(config_name: str, conf: Path = CONF) -> set[str]:

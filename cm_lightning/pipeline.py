@@ -105,6 +105,7 @@ class Drawer:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     cuda_graphs: bool = True  # on a GPU, replay each UNet call from a captured CUDA graph (launch-bound at batch 1)
+    latent_size: tuple[int, int] | None = None  # (h, w) of the latents to draw; None: the UNet's sample_size square
 
     def __post_init__(self) -> None:
         network = unet_network(self.unet)
@@ -142,7 +143,8 @@ class Drawer:
 
     def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
         size = self.unet.config.sample_size
-        return (batch, self.unet.config.in_channels, size, size)
+        height, width = self.latent_size or (size, size)
+        return (batch, self.unet.config.in_channels, height, width)
 
     def noise(self, count: int, seed: int) -> torch.Tensor:
         """Start noise for ``count`` images, image i from seed ``seed + i`` (independent of batch size), on the CPU."""
@@ -153,15 +155,18 @@ class Drawer:
     def draw_latents(
         self, prompts: list[str], *, steps: int, guidance_scale: float = 1.0, seed: int = 0,
         noise: torch.Tensor | None = None, generator: torch.Generator | None = None, batch_size: int = 16,
-        progress: bool = False,
+        progress: bool = False, negative_prompt: str | None = None,
     ) -> torch.Tensor:
         """Final latents [N, C, h, w] (float32, CPU) for ``prompts``, from ``noise`` or from ``seed``.
+
+        ``negative_prompt`` replaces the empty prompt as guidance's unconditional branch (used when g != 1).
 
         ``generator`` feeds the multistep sampler's re-noising; by default one seeded per batch from ``seed``,
         so that a rerun gives the same images whatever else ran before.
         """
         noise = self.noise(len(prompts), seed) if noise is None else noise
-        null = self.null_context()[0]
+        null = (self.encoders.encode_prompts([negative_prompt])[0].to(self.device, self.dtype) if negative_prompt
+                else self.null_context()[0])
         out = []
         starts = range(0, len(prompts), batch_size)
         if progress:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from .cli import build, checked_command_line, compute_device, load_model, one_line_errors, parse_dtype
 from .config_check import check_train_config
 from .models.encoders import FrozenEncoders
+from .conf_dir import CONF_PATH
 
 
 def prepare(cfg: DictConfig) -> str:
@@ -32,7 +33,7 @@ def prepare(cfg: DictConfig) -> str:
 
 
 @checked_command_line("train")
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     print(prepare(cfg))

@@ -29,6 +29,9 @@ from .models.lora import lora_state_dict, save_lora_diffusers
 from .outputs import (check_finite, check_resume_identity, refuse_overwrite, resolve_ckpt_path, run_identity,
                       whole_folder)
 from .pipeline import RunInfo
+from .conf_dir import CONF_PATH
+from .loggers import finish_runs
+from .sweeps import write_job_metrics
 
 log = logging.getLogger("cm_lightning.train")
 
@@ -97,9 +100,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # nodes without a _target_ are an experiment's settings for a callback or logger that was switched off
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if "_target_" in c]
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if "_target_" in c]
+    for logger in loggers:  # the whole resolved config is the run's config (W&B's config panel, hparams.yaml)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     callbacks += [RunState(run_identity(cfg)), StepSeeds(cfg.seed), NonFiniteSteps(cfg.max_nonfinite_steps)]
+    for callback in callbacks:  # validation draws the teacher's reference with the model's own DDIM spacing
+        if hasattr(callback, "bind_scheduler_config"):
+            callback.bind_scheduler_config(components.scheduler_config)
     precision = supported_precision(str(cfg.trainer.precision), device)
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -117,15 +125,34 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 run_info(cfg, module).write(lora_dir)
                 OmegaConf.save(cfg, lora_dir / "train_config.yaml", resolve=True)
             log.info("LoRA weights written to %s", output_dir / "lora")
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    finish_runs(loggers)
+    if trainer.is_global_zero:  # what a sweep's summary table reads (cm_lightning.sweeps)
+        write_job_metrics(output_dir, metrics, steps=trainer.global_step)
+    return metrics
 
 
 @checked_command_line("train")
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
-    return metrics.get("train/loss")
+    return optimized_value(metrics, cfg.get("optimized_metric"))
+
+
+def optimized_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """What a sweeper (Optuna) optimises: ``optimized_metric`` (the validation's teacher gap by default)."""
+    if not name:
+        return None
+    if name not in metrics:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweeper may need it
+            log.warning("optimized_metric=%s was not logged (logged: %s); is callbacks.validation on?", name,
+                        ", ".join(sorted(metrics)) or "nothing")
+        return None
+    return metrics[name]
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 #   (docs/design.md); CT-4 is also evaluated with CFG at each g of CT_SWEEP (empty: no sweep).
 # Run from the repo root with .whl carried:  bash benchmarks/gpu/quality.sh
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+[ -n "${SKIP_INSTALL:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1  # SKIP_INSTALL: done by the caller
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CM_LIGHTNING_CACHE=/tmp/cm_cache
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; RUNS=/tmp/quality_runs; mkdir -p "$RUNS"
 STEPS=${STEPS:-2000}; MAX_TIME=${MAX_TIME:-00:00:04:45}; EDGE_RULE8=${EDGE_RULE8:-pcm}; CT_SWEEP=${CT_SWEEP-2,3,4,5}
@@ -26,10 +26,13 @@ PY
 )
 echo "teacher guidance chosen: g=$G"; [ -n "$G" ] || G=3.0
 COMMON=(experiment=shapes_distill teacher_guidance.min=$G teacher_guidance.max=$G data.datamodule.num_workers=2 data.datamodule.progress=false
-        trainer.max_steps=$STEPS trainer.max_time=$MAX_TIME batch_size=256 lora.rank=32 optimizer.lr=3e-4)
+        trainer.max_time=$MAX_TIME batch_size=256 lora.rank=32 optimizer.lr=3e-4)
 python3 -m cm_lightning.prepare "${COMMON[@]}" hydra.run.dir=$RUNS/prepare 2>&1 | tail -3
 start=$(date +%s)
-declare -A METHOD=([ct]="method=ct" [cd]="method=cd" [mcd2]="method=mcd boundaries=2" [mcd4]="method=mcd boundaries=4" [mcd8]="method=mcd boundaries=8 method.module.edge_rule=$EDGE_RULE8")
+# STEPS caps every method; STEPS_CT caps CT alone (an equal-steps rerun of a table whose CT ran more steps)
+declare -A METHOD=([ct]="method=ct trainer.max_steps=${STEPS_CT:-$STEPS}" [cd]="method=cd trainer.max_steps=$STEPS"
+                   [mcd2]="method=mcd boundaries=2 trainer.max_steps=$STEPS" [mcd4]="method=mcd boundaries=4 trainer.max_steps=$STEPS"
+                   [mcd8]="method=mcd boundaries=8 method.module.edge_rule=$EDGE_RULE8 trainer.max_steps=$STEPS")
 for name in ct cd mcd2 mcd4 mcd8; do
   python3 -m cm_lightning.train "${COMMON[@]}" ${METHOD[$name]} paths.output_dir=$RUNS/$name hydra.run.dir=$RUNS/$name \
     > "$RUNS/$name.log" 2>&1 &

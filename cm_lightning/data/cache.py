@@ -5,13 +5,18 @@ version), so any change to what would be encoded lands in a new folder, and an u
 without loading or calling the encoders. Layout of ``root/<source.name>-<hash12>/``::
 
     key.json                 the full key (checked on every open, to rule out a hash collision)
-    shard-00000.pt           latent_mean, latent_std [n,4,h,w] fp16; text_embeds [n,77,D] fp16
+    shard-00000.safetensors  latent_mean, latent_std [n,4,h,w] fp16; text_embeds [n,77,D] fp16
     shard-00000.json         the shard's key hash, index range, captions, keys, source indices, bad items
     null_text_embed.pt       encode_prompts([""])[0], [77,D] fp16 (for classifier-free guidance)
     COMPLETE                 JSON counts + summary line; written last, after every check passed
 
 Every file is written to a temporary name and moved into place (``os.replace``), so a crash leaves whole
 files only; a folder without ``COMPLETE`` is resumed shard by shard.
+
+Reading (:meth:`LatentCache.open`) is lazy: a shard's rows sit at fixed offsets after its safetensors header, so a
+batch is read with one ``preadv`` per row straight into the batch's tensors. The process holds no latents beyond the
+batch in hand (the OS page cache does the caching, outside the process), so memory does not grow with the number of
+pairs; :meth:`LatentCache.load` still reads a whole cache into RAM (small caches, tests).
 
 The encoders follow this duck-typed interface (``cm_lightning.models.encoders.FrozenEncoders``)::
 
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -44,7 +50,9 @@ from cm_lightning.errors import UserError
 log = logging.getLogger(__name__)
 
 # Bump when the on-disk layout or what is stored changes: old folders are then simply not found.
-CACHE_FORMAT_VERSION = 1
+# 2: shards in safetensors (fixed row offsets, read lazily) instead of torch.save pickles.
+CACHE_FORMAT_VERSION = 2
+SHARD_SUFFIX = ".safetensors"
 
 
 @dataclass
@@ -232,7 +240,7 @@ class LatentCache:
         meta = _read_json(self.path / f"shard-{shard:05d}.json")
         if (isinstance(meta, dict) and meta.get("key_hash") == key_hash(self.key)
                 and meta.get("start") == start and meta.get("stop") == stop
-                and (self.path / f"shard-{shard:05d}.pt").exists()):
+                and (self.path / f"shard-{shard:05d}{SHARD_SUFFIX}").exists()):
             return meta
         return None
 
@@ -353,7 +361,7 @@ class LatentCache:
 
     def _write_shard(self, shard: int, span: tuple[int, int], parts: list) -> dict:
         good = [p for p in parts if p[1] is not None]
-        tensors = {name: torch.cat([p[k] for p in good]) if good else torch.empty(0, dtype=torch.float16)
+        tensors = {name: torch.cat([p[k] for p in good]).contiguous() if good else torch.empty(0, dtype=torch.float16)
                    for k, name in ((1, "latent_mean"), (2, "latent_std"), (3, "text_embeds"))}
         meta = {"key_hash": key_hash(self.key), "start": span[0], "stop": span[1],
                 "indices": [i for p in parts for i in p[0].indices],
@@ -361,38 +369,226 @@ class LatentCache:
                 "captions": [c for p in parts for c in p[0].captions],
                 "bad": [list(kr) for p in parts for kr in p[0].bad]}
         # Tensors first, then the metadata that declares the shard finished.
-        _write_atomic(self.path / f"shard-{shard:05d}.pt", lambda tmp: torch.save(tensors, tmp))
+        _write_atomic(self.path / f"shard-{shard:05d}{SHARD_SUFFIX}", lambda tmp: save_file(tensors, str(tmp)))
         _write_json(self.path / f"shard-{shard:05d}.json", meta)
         return meta
 
     # ---- reading ---------------------------------------------------------------------------------
 
-    def load(self) -> CachedLatents:
-        """Read the complete cache into RAM (one file read per shard; no per-item I/O afterwards)."""
+    def open(self) -> "CacheReader":
+        """The complete cache, read lazily (see the module notes): checks every shard's header, size and row
+        count against its metadata first, so a damaged or half-written cache is refused here, not mid-run."""
         if not self.is_complete():
             raise UserError(f"cache: {self.path} is not complete; build it first (LatentCache.build or "
                             "the datamodule's prepare_data)")
         complete = _read_json(self.path / "COMPLETE")
-        tensors: dict[str, list[torch.Tensor]] = {"latent_mean": [], "latent_std": [], "text_embeds": []}
-        captions, keys, indices = [], [], []
+        shards = []
         for shard in range(complete["shards"]):
             meta = _read_json(self.path / f"shard-{shard:05d}.json")
-            try:
-                data = torch.load(self.path / f"shard-{shard:05d}.pt", map_location="cpu", weights_only=True)
-            except (OSError, RuntimeError) as error:
-                raise UserError(f"cache: {self.path}/shard-{shard:05d}.pt is unreadable ({error}); delete "
-                                f"{self.path} to rebuild it") from None
-            if meta is None or len(meta["keys"]) != len(data["latent_mean"]):
+            index = _ShardIndex.read(self.path / f"shard-{shard:05d}{SHARD_SUFFIX}", self.path)
+            if meta is None or len(meta["keys"]) != index.rows:
                 raise UserError(f"cache: {self.path}/shard-{shard:05d} is damaged; delete {self.path} to "
                                 "rebuild it")
-            if meta["keys"]:
-                for name in tensors:
-                    tensors[name].append(data[name])
-            captions += meta["captions"]
-            keys += meta["keys"]
-            indices += meta["indices"]
+            if index.rows:
+                shards.append(index)
         null = torch.load(self.path / "null_text_embed.pt", map_location="cpu", weights_only=True)
-        return CachedLatents(latent_mean=torch.cat(tensors["latent_mean"]),
-                             latent_std=torch.cat(tensors["latent_std"]),
-                             text_embeds=torch.cat(tensors["text_embeds"]), null_text_embed=null,
-                             captions=captions, keys=keys, indices=torch.tensor(indices, dtype=torch.long))
+        return CacheReader(self.path, shards, null, complete["shards"])
+
+    def load(self) -> CachedLatents:
+        """Read the complete cache into RAM (one file read per shard); :meth:`open` reads it lazily instead."""
+        reader = self.open()
+        everything = torch.arange(len(reader))
+        return CachedLatents(latent_mean=reader.latent_mean[everything], latent_std=reader.latent_std[everything],
+                             text_embeds=reader.text_embeds[everything], null_text_embed=reader.null_text_embed,
+                             captions=reader.captions, keys=reader.keys, indices=reader.indices)
+
+
+TENSORS = ("latent_mean", "latent_std", "text_embeds")
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+@dataclass
+class _ShardIndex:
+    """Where each tensor's rows are in one shard file: absolute byte offset of row 0, bytes per row, row shape."""
+
+    file: str  # relative to the cache folder
+    rows: int
+    offsets: dict[str, int]
+    row_bytes: dict[str, int]
+    row_shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+
+    @classmethod
+    def read(cls, path: Path, folder: Path) -> "_ShardIndex":
+        """Parse the safetensors header (8-byte length, JSON) and check the file holds every byte it declares."""
+        def damaged(why: str) -> UserError:
+            return UserError(f"cache: {path} is damaged ({why}); delete {folder} to rebuild it")
+
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                length = int.from_bytes(f.read(8), "little")
+                if not 0 < length <= size - 8:
+                    raise damaged("bad header length")
+                header = json.loads(f.read(length))
+        except (OSError, ValueError) as error:
+            raise damaged(str(error)) from None
+        base, rows = 8 + length, None
+        offsets, row_bytes, row_shapes, dtypes = {}, {}, {}, {}
+        for name in TENSORS:
+            entry = header.get(name)
+            if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
+                raise damaged(f"no {name}")
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            n = shape[0] if len(shape) > 1 else 0  # an empty shard stores shape [0]
+            if base + end > size:
+                raise damaged(f"{name} ends past the end of the file (truncated)")
+            if rows is not None and n != rows:
+                raise damaged(f"{name} has {n} rows, not {rows}")
+            rows = n
+            offsets[name], row_shapes[name], dtypes[name] = base + begin, shape[1:], _DTYPES[entry["dtype"]]
+            row_bytes[name] = (end - begin) // n if n else 0
+        return cls(path.name, rows or 0, offsets, row_bytes, row_shapes, dtypes)
+
+
+class _Column:
+    """``reader.latent_mean[index]``: rows of one tensor, read from the shards on demand (int, slice or 1-D index)."""
+
+    def __init__(self, reader: "CacheReader", name: str):
+        self.reader, self.name = reader, name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.reader), *self.reader.row_shape(self.name))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.reader.dtype(self.name)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, int):
+            return self.reader.read(self.name, torch.tensor([index]))[0]
+        if isinstance(index, slice):
+            index = torch.arange(len(self.reader))[index]
+        return self.reader.read(self.name, torch.as_tensor(index, dtype=torch.long).reshape(-1))
+
+
+class CacheReader:
+    """A complete latent cache opened for reading, without loading it: ``latent_mean``, ``latent_std`` and
+    ``text_embeds`` are :class:`_Column` s whose rows are read from the shard files when indexed. What it holds is
+    the shard table (a few numbers per shard) and the null text embedding; captions, keys and source indices are
+    read from the shards' metadata on first use. Safe to send to DataLoader workers (files are opened per read)."""
+
+    def __init__(self, folder: Path, shards: list[_ShardIndex], null_text_embed: torch.Tensor, shard_count: int):
+        self.folder, self.shards, self.null_text_embed = str(folder), shards, null_text_embed  # shards: non-empty
+        self._metas = [f"shard-{s:05d}.json" for s in range(shard_count)]
+        counts = [s.rows for s in shards]
+        self._starts = torch.tensor([0] + counts, dtype=torch.long).cumsum(0)  # [S+1]
+        self.latent_mean, self.latent_std, self.text_embeds = (_Column(self, name) for name in TENSORS)
+        self._info: dict[str, list] | None = None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def row_shape(self, name: str) -> tuple[int, ...]:
+        return self.shards[0].row_shapes[name] if self.shards else ()
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.shards[0].dtypes[name] if self.shards else torch.float16
+
+    def read(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (1-D long, any order, repeats allowed) of tensor ``name``, as one new tensor."""
+        return self.read_rows(index, (name,))[name]
+
+    def read_rows(self, index: torch.Tensor, names: tuple[str, ...] = TENSORS) -> dict[str, torch.Tensor]:
+        """Rows ``index`` of each tensor in ``names`` ({name: [len(index), ...] fp16}), one ``preadv`` per row and
+        tensor straight into the result, each shard's file opened once per process (a small LRU of descriptors)."""
+        n = len(self)
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        if len(index) and (int(index.min()) < -n or int(index.max()) >= n):
+            raise IndexError(f"cache index out of range for {n} pairs")
+        index = torch.where(index < 0, index + n, index)
+        out = {name: torch.empty((len(index), *self.row_shape(name)), dtype=self.dtype(name)) for name in names}
+        if not len(index):
+            return out
+        rows = {name: t.view(torch.uint8).reshape(len(index), -1).numpy() for name, t in out.items()}  # writable bytes
+        shard_of = (torch.searchsorted(self._starts, index, right=True) - 1).tolist()
+        local = (index - self._starts[shard_of]).tolist()
+        for j, (shard, row) in enumerate(zip(shard_of, local)):
+            info = self.shards[shard]
+            fd = self._fd(shard)
+            for name in names:
+                step = info.row_bytes[name]
+                if _preadv(fd, rows[name][j], info.offsets[name] + row * step) != step:
+                    raise UserError(f"cache: {self.folder}/{info.file} was truncated while in use; delete "
+                                    f"{self.folder} to rebuild it")
+        return out
+
+    _MAX_OPEN = 64
+
+    def _fd(self, shard: int) -> int:
+        """An open descriptor of the shard's file, for this process (a DataLoader worker opens its own)."""
+        fds = self.__dict__.get("_fds")
+        if fds is None or self.__dict__.get("_fds_pid") != os.getpid():
+            fds, self._fds_pid = {}, os.getpid()
+            self._fds = fds
+        fd = fds.pop(shard, None)
+        if fd is None:
+            if len(fds) >= self._MAX_OPEN:  # the least recently used one (dicts keep insertion order)
+                os.close(fds.pop(next(iter(fds))))
+            fd = os.open(os.path.join(self.folder, self.shards[shard].file), os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):  # rows are read in random order: the kernel's readahead (MiBs) is waste
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        fds[shard] = fd  # most recently used last
+        return fd
+
+    def close(self) -> None:
+        """Close the open shard files (also done when the reader is garbage-collected)."""
+        if self.__dict__.get("_fds_pid") == os.getpid():
+            for fd in self.__dict__.get("_fds", {}).values():
+                os.close(fd)
+        self.__dict__["_fds"] = {}
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def _read_info(self) -> dict[str, list]:
+        if self._info is None:
+            info: dict[str, list] = {"captions": [], "keys": [], "indices": []}
+            for name in self._metas:
+                meta = _read_json(Path(self.folder, name))
+                for field in info:
+                    info[field] += meta[field]
+            self._info = info
+        return self._info
+
+    @property
+    def captions(self) -> list[str]:
+        return self._read_info()["captions"]
+
+    @property
+    def keys(self) -> list[str]:
+        return self._read_info()["keys"]
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return torch.tensor(self._read_info()["indices"], dtype=torch.long)
+
+    def __getstate__(self) -> dict:  # to DataLoader workers: no metadata lists, no open files (each opens its own)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_fds_pid")} | {"_info": None}
+
+
+def _preadv(fd: int, buffer, offset: int) -> int:
+    """Read len(buffer) bytes at offset straight into buffer (os.pread and a copy where preadv is missing)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buffer], offset)
+    data = os.pread(fd, len(buffer), offset)
+    buffer[: len(data)] = memoryview(data)
+    return len(data)

@@ -23,7 +23,7 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -64,12 +64,15 @@ def select_pairs(
     caption_choice: str,
     skipped: SkipReport,
     where: str,
+    missing: Callable[[Candidate], str | None] | None = None,
 ) -> list[Pair]:
     """Walk ``candidates`` in a seeded order and collect up to ``num_pairs`` usable (image, caption) pairs.
 
     Each usable candidate gives up to ``captions_per_image`` pairs (its first ones, or a sample seeded by
     ``seed`` and the key). Unusable ones go into ``skipped``. Fewer pairs than asked logs a warning
     naming both numbers; none at all raises :class:`UserError` naming ``where`` (the index file).
+    ``missing(candidate)`` gives the skip reason of a candidate without an image (default: its file is absent),
+    for readers whose images are not files (tar members, dataset rows).
     """
     pairs: list[Pair] = []
     for index in np.random.default_rng(seed).permutation(len(candidates)).tolist():
@@ -77,8 +80,9 @@ def select_pairs(
             break
         key, rel_path, raw_captions = candidates[index]
         path = base_dir / rel_path
-        if not path.is_file():
-            skipped.add(MISSING_FILE, key)
+        absent = missing(candidates[index]) if missing else (None if path.is_file() else MISSING_FILE)
+        if absent:
+            skipped.add(absent, key)
             continue
         usable, first_problem = [], None
         for value, present in raw_captions:

@@ -10,7 +10,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cm_lightning import rng
-from cm_lightning.data.cache import CachedLatents, LatentCache
+from cm_lightning.data.cache import CachedLatents, CacheReader, LatentCache
 from cm_lightning.data.sources import CaptionedImageSource
 from cm_lightning.errors import UserError
 
@@ -71,14 +71,14 @@ class ResumableSampler(Sampler[int]):
 
 
 class SampledLatents(Dataset):
-    """Index -> a fresh latent sample ``mean + std * N(0, 1)`` and its text embedding, from RAM.
+    """Index -> a fresh latent sample ``mean + std * N(0, 1)`` and its text embedding, from the cache (read lazily
+    from its files by a :class:`CacheReader`, or from RAM for a loaded :class:`CachedLatents`).
 
-    Implements ``__getitems__`` so the DataLoader fetches a whole batch with one tensor index (no
-    per-item Python work). Indices from :class:`ResumableSampler` carry their noise seed (the noise then depends
+    Implements ``__getitems__`` so the DataLoader fetches a whole batch with one read per tensor and row. Indices from :class:`ResumableSampler` carry their noise seed (the noise then depends
     on nothing else: not the global RNG, the workers or a resume); plain indices draw from the global torch RNG.
     """
 
-    def __init__(self, data: CachedLatents):
+    def __init__(self, data: CachedLatents | CacheReader):
         self.data = data
 
     def __len__(self) -> int:
@@ -86,15 +86,18 @@ class SampledLatents(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         index = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
-        mean = self.data.latent_mean[index].float()
-        std = self.data.latent_std[index].float()
+        if isinstance(self.data, CacheReader):  # one pass over the shard files for all three tensors
+            rows = self.data.read_rows(index)
+        else:
+            rows = {name: getattr(self.data, name)[index] for name in ("latent_mean", "latent_std", "text_embeds")}
+        mean, std = rows["latent_mean"].float(), rows["latent_std"].float()
         if all(isinstance(i, SeededIndex) for i in indices):
             noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(i.noise_seed))
                                  for i in indices])
         else:
             noise = torch.randn_like(mean)
         return {"latents": mean + std * noise,
-                "text_embeds": self.data.text_embeds[index].float(),
+                "text_embeds": rows["text_embeds"].float(),
                 "index": index}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -126,7 +129,7 @@ class LatentDataModule(LightningDataModule):
         self.max_bad_fraction, self.progress, self.seed = max_bad_fraction, progress, seed
         self.encoders: Any | None = None
         self._cache: LatentCache | None = None
-        self.cache_data: CachedLatents | None = None
+        self.cache_data: CacheReader | None = None
         self.sampler: ResumableSampler | None = None  # the training loader's (resume skips batches through it)
 
     def attach_encoders(self, encoders: Any) -> None:
@@ -151,12 +154,12 @@ class LatentDataModule(LightningDataModule):
             self.cache.build()
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the cache into RAM (building it first when prepare_data was not called)."""
+        """Open the cache for lazy reading (building it first when prepare_data was not called)."""
         if self.cache_data is None:
             if not self.cache.is_complete():
                 with rng.preserved():
                     self.cache.build()
-            self.cache_data = self.cache.load()
+            self.cache_data = self.cache.open()
 
     @property
     def null_text_embed(self) -> torch.Tensor | None:

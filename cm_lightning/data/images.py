@@ -8,6 +8,7 @@ half-written JPEG is an error, not a grey bottom half).
 
 from __future__ import annotations
 
+import io
 import unicodedata
 from pathlib import Path
 
@@ -37,12 +38,22 @@ def load_image(path: Path, key: str, *, min_side: int = 0) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise BadSample(key, MISSING_FILE, str(path))
+    return decode_image(path, key, min_side=min_side, empty=path.stat().st_size == 0)
+
+
+def load_image_bytes(data: bytes, key: str, *, min_side: int = 0) -> Image.Image:
+    """:func:`load_image` for an image held in memory (a tar member, a dataset row): the same checks and reasons."""
+    return decode_image(io.BytesIO(data), key, min_side=min_side, empty=not data)
+
+
+def decode_image(file, key: str, *, min_side: int = 0, empty: bool = False) -> Image.Image:
+    """Decode a path or binary file object fully into an upright RGB image (see :func:`load_image`)."""
     try:
-        with Image.open(path) as opened:
+        with Image.open(file) as opened:
             opened.load()  # force the full decode: truncation only shows up here
             image = to_rgb(_upright(opened))
     except UnidentifiedImageError:
-        detail = "empty file" if path.stat().st_size == 0 else "not a recognised image format"
+        detail = "empty file" if empty else "not a recognised image format"
         raise BadSample(key, "unreadable image", detail) from None
     except (OSError, EOFError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         # PIL reports truncation as OSError("image file is truncated ...") or "Truncated File Read".

@@ -51,6 +51,8 @@ class ManifestSource(SelectedPairs):
         num_pairs: how many pairs to draw, in a seeded order (None = all usable).
         seed: seeds the choice of lines.
         min_side: skip images whose shorter side is below this many pixels (0 = keep and upscale).
+        image_field / caption_field: the column (CSV) or key (JSONL) holding the image path / the caption
+            (default: ``image`` or ``file_name`` / ``caption`` or ``text``, whichever is present).
     """
 
     name = "manifest"
@@ -63,6 +65,8 @@ class ManifestSource(SelectedPairs):
         num_pairs: int | None = None,
         seed: int = 0,
         min_side: int = 0,
+        image_field: str | None = None,
+        caption_field: str | None = None,
     ):
         check_selection_args(num_pairs, 1, "first", seed)
         self.path = Path(path).expanduser()
@@ -73,14 +77,17 @@ class ManifestSource(SelectedPairs):
         if not self.root.is_dir():
             raise UserError(f"manifest root {self.root} is not a folder (data.root)")
         self.num_pairs, self.seed, self.min_side = num_pairs, seed, min_side
+        self.image_field, self.caption_field = image_field, caption_field
+        fields = dict(image_fields=(image_field,) if image_field else IMAGE_FIELDS,
+                      caption_fields=(caption_field,) if caption_field else CAPTION_FIELDS)
         self.skipped = SkipReport()
 
         text, self._manifest_sha256 = _read_text(self.path, self.shown)
         suffix = self.path.suffix.lower()
         if suffix in JSONL_SUFFIXES:
-            records = parse_jsonl(text, self.shown)
+            records = parse_jsonl(text, self.shown, **fields)
         elif suffix in CSV_SUFFIXES:
-            records = parse_csv(text, self.shown)
+            records = parse_csv(text, self.shown, **fields)
         else:
             raise UserError(
                 f"manifest {self.shown}: unknown extension {suffix!r}; use one of "
@@ -115,6 +122,7 @@ class ManifestSource(SelectedPairs):
             "num_pairs": self.num_pairs,
             "seed": self.seed,
             "min_side": self.min_side,
+            **({"fields": [self.image_field, self.caption_field]} if self.image_field or self.caption_field else {}),
             "pairs_sha256": self._digest,
         }
 
@@ -126,7 +134,8 @@ class ManifestSource(SelectedPairs):
 Record = tuple[str, tuple[object, bool]]
 
 
-def parse_jsonl(text: str, shown: str) -> list[Record]:
+def parse_jsonl(text: str, shown: str, *, image_fields: tuple[str, ...] = IMAGE_FIELDS,
+                caption_fields: tuple[str, ...] = CAPTION_FIELDS) -> list[Record]:
     """One JSON object per line -> records; a line that is not a record raises UserError at ``shown:line``."""
     records = []
     # Split on "\n" only: str.splitlines would also split on U+2028, which JSON allows inside strings.
@@ -140,28 +149,30 @@ def parse_jsonl(text: str, shown: str) -> list[Record]:
         if not isinstance(record, dict):
             example = '{"image": ..., "caption": ...}'
             raise UserError(f"{shown}:{lineno}: expected a JSON object like {example}")
-        image = _first_present(record, IMAGE_FIELDS)
+        image = _first_present(record, image_fields)
         if image is None:
-            raise UserError(f"{shown}:{lineno}: no 'image' (or 'file_name') field")
+            raise UserError(f"{shown}:{lineno}: no {_names(image_fields)} field")
         if not isinstance(record[image], str) or not record[image].strip():
             raise UserError(f"{shown}:{lineno}: '{image}' is not a non-empty string")
-        caption = _first_present(record, CAPTION_FIELDS)
+        caption = _first_present(record, caption_fields)
         records.append((record[image], (record.get(caption), caption is not None)))
     return records
 
 
-def parse_csv(text: str, shown: str) -> list[Record]:
+def parse_csv(text: str, shown: str, *, image_fields: tuple[str, ...] = IMAGE_FIELDS,
+              caption_fields: tuple[str, ...] = CAPTION_FIELDS) -> list[Record]:
     """CSV with a header naming the image and caption columns -> records."""
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = [name.strip().lower() for name in next(reader)]
     except StopIteration:
         raise UserError(f"{shown}: empty file; expected a header line 'image,caption'") from None
-    image_col = next((header.index(f) for f in IMAGE_FIELDS if f in header), None)
-    caption_col = next((header.index(f) for f in CAPTION_FIELDS if f in header), None)
+    image_col = next((header.index(f.lower()) for f in image_fields if f.lower() in header), None)
+    caption_col = next((header.index(f.lower()) for f in caption_fields if f.lower() in header), None)
     if image_col is None or caption_col is None:
         found = ",".join(header)
-        raise UserError(f"{shown}:1: header must name columns 'image' and 'caption', found {found!r}")
+        raise UserError(f"{shown}:1: header must name columns '{image_fields[0]}' and '{caption_fields[0]}', "
+                        f"found {found!r}")
 
     records = []
     lineno = reader.line_num
@@ -185,6 +196,11 @@ def parse_csv(text: str, shown: str) -> list[Record]:
             raise UserError(f"{shown}:{start}: empty '{header[image_col]}' field")
         records.append((row[image_col].strip(), (row[caption_col], True)))
     return records
+
+
+def _names(fields: tuple[str, ...]) -> str:
+    """('image', 'file_name') -> "'image' (or 'file_name')"."""
+    return f"'{fields[0]}'" + "".join(f" (or '{f}')" for f in fields[1:])
 
 
 def _first_present(record: dict, fields: tuple[str, ...]) -> str | None:

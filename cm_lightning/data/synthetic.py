@@ -168,3 +168,56 @@ def write_manifest(
     else:
         raise ValueError(f"manifest extension must be .jsonl, .ndjson or .csv, got {path.name!r}")
     return path
+
+
+class SolidColorPairs:
+    """``count`` tiny solid-colour images with numbered captions: a :class:`CaptionedImageSource` that costs almost
+    nothing to decode, for measuring the cache's own machinery (benchmarks/cache_scale.py, the cache's tests)."""
+
+    name = "solid"
+
+    def __init__(self, count: int, *, image_size: int = 8):
+        from cm_lightning.data.sources import SkipReport
+
+        self.count, self.image_size, self.skipped = count, image_size, SkipReport()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        from cm_lightning.data.sources import CaptionedImage
+
+        colour = (index * 37 % 256, index * 91 % 256, index * 13 % 256)
+        return CaptionedImage(Image.new("RGB", (self.image_size, self.image_size), colour), f"pair {index}",
+                              f"solid/{index}")
+
+    def fingerprint(self) -> dict:
+        return {"source": self.name, "count": self.count, "image_size": self.image_size}
+
+
+class RandomEncoders:
+    """The frozen-encoder interface with random outputs of the real shapes (SD1.5: 4 x R/8 x R/8 latents, 77 x 768
+    text embeddings) and no network: for measuring the cache at scale without the VAE's cost."""
+
+    scaling_factor = 0.18215
+
+    def __init__(self, *, vae_scale: int = 8, text_dim: int = 768, seed: int = 0):
+        import torch
+
+        self.vae_scale, self.text_dim, self.device = vae_scale, text_dim, torch.device("cpu")
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def encode_images(self, pixels):
+        import torch
+
+        b, _, h, w = pixels.shape
+        mean = torch.randn(b, 4, h // self.vae_scale, w // self.vae_scale, generator=self.generator)
+        return mean, torch.full_like(mean, 0.01)
+
+    def encode_prompts(self, prompts):
+        import torch
+
+        return torch.randn(len(prompts), 77, self.text_dim, generator=self.generator)
+
+    def identity(self) -> dict:
+        return {"name": "random", "vae_scale": self.vae_scale, "text_dim": self.text_dim}

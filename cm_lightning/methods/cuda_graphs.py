@@ -102,8 +102,8 @@ class _UNetCall(torch.nn.Module):
 class GraphedStudent:
     """The student's ``net(x_t, t, context)`` with its forward and backward replayed from CUDA graphs.
 
-    Captured at the first call (that shape only); calls of another shape, without gradients or in eval mode run
-    the plain network. ``autocast_dtype`` is the training precision's half dtype (or None for fp32).
+    Captured at the first call (that shape only); calls of another shape or without gradients run the plain
+    network. ``autocast_dtype`` is the training precision's half dtype (or None for fp32).
     """
 
     def __init__(self, unet: torch.nn.Module, autocast_dtype: torch.dtype | None):
@@ -114,7 +114,9 @@ class GraphedStudent:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         key = tuple((tuple(v.shape), v.dtype) for v in (x, t, context))
-        usable = x.device.type == "cuda" and torch.is_grad_enabled() and self.call.unet.training
+        # not `unet.training`: Lightning keeps a submodule loaded in eval mode in eval mode while it trains (the
+        # UNet has no dropout or batch norm to change), so that test kept the student off its graphs
+        usable = x.device.type == "cuda" and torch.is_grad_enabled()
         if usable and self.graphed is None:
             self.key = key
             try:

@@ -27,6 +27,7 @@ from ..errors import UserError
 from .text_training import train_text_encoder
 from ..models.tiny import build_tiny_sd
 from .vae_training import train_vae
+from ..conf_dir import CONF_PATH
 
 log = logging.getLogger("cm_lightning.shapes.build_teacher")
 
@@ -109,7 +110,7 @@ def _load_vae(folder: Path, image_size: int):
     return vae
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="build_teacher")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="build_teacher")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     print(build_teacher(cfg))

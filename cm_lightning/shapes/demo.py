@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from ..cli import one_line_errors
 from .evaluate import evaluate
+from ..conf_dir import CONF_PATH
 
 log = logging.getLogger("cm_lightning.shapes.demo")
 
@@ -30,7 +31,7 @@ def demo(cfg: DictConfig) -> Path:
     return evaluate(cfg)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="demo")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="demo")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     print(demo(cfg))

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..cli import compute_device, one_line_errors, parse_dtype
 from .table import PromptSet, Row, evaluate_rows, markdown_table, rows_from_config, save_figures
+from ..conf_dir import CONF_PATH
 
 log = logging.getLogger("cm_lightning.shapes.evaluate")
 
@@ -38,7 +39,7 @@ def evaluate(cfg: DictConfig) -> Path:
     dtype = parse_dtype(cfg.dtype, "dtype") if device.type == "cuda" else torch.float32
     results, figures = evaluate_rows(cfg.teacher, rows, prompt_sets, reference=cfg.reference, seed=cfg.seed,
                                      device=device, dtype=dtype, batch_size=cfg.batch_size,
-                                     figure_count=cfg.figure_count)
+                                     figure_count=cfg.figure_count, progress=True)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(
@@ -50,7 +51,7 @@ def evaluate(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="evaluate")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     print(evaluate(cfg))

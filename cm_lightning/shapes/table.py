@@ -47,9 +47,10 @@ class PromptSet:
 def evaluate_rows(
     model: str, rows: list[Row], prompt_sets: list[PromptSet], *, reference: str, seed: int = 0,
     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 256,
-    figure_count: int = 8,
+    figure_count: int = 8, progress: bool = False,
 ) -> tuple[list[dict], dict[str, list[tuple[str, torch.Tensor]]]]:
-    """Metrics per (row, prompt set), and per set the first ``figure_count`` images of every row (for figures)."""
+    """Metrics per (row, prompt set), and per set the first ``figure_count`` images of every row (for figures);
+    ``progress`` shows a bar per row and prompt set."""
     judge = load_judge(device=device)
     order = sorted(rows, key=lambda r: r.name != reference)  # the reference row first: the others need it
     if order[0].name != reference:
@@ -62,7 +63,7 @@ def evaluate_rows(
             started = time.perf_counter()
             noise = drawer.noise(len(prompt_set.prompts), seed)
             images = drawer.draw(prompt_set.prompts, steps=row.steps, guidance_scale=row.guidance, noise=noise,
-                                 seed=seed, batch_size=batch_size)
+                                 seed=seed, batch_size=batch_size, progress=progress)
             seconds = time.perf_counter() - started
             if row.name == reference:
                 refs[prompt_set.name] = images

@@ -30,7 +30,7 @@ def overrides(cache: Path, out: Path) -> list[str]:
             "data.datamodule.source.num_images=24", "data.datamodule.progress=false", f"paths.cache_dir={cache}",
             f"paths.output_dir={out}", "lr_scheduler=warmup_constant", "lr_scheduler.warmup_steps=4",
             "optimizer.lr=1e-3", "trainer.max_steps=10", "trainer.log_every_n_steps=1",
-            "+logger.csv.flush_logs_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=1",
+            "logger=csv", "+logger.csv.flush_logs_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=1",
             "callbacks.sample_grid.every_n_steps=0", "callbacks.lr_monitor.logging_interval=step"]
 
 

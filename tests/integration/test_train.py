@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from cm_lightning.errors import UserError
 from cm_lightning.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +43,8 @@ def quick_overrides(cache: Path, out: Path, method: str) -> list[str]:
     ]
 
 
-REQUIRED = {"data=coco5k": ["data.root=/data/coco"], "data=manifest": ["data.manifest=/data/train.jsonl"]}
+REQUIRED = {"data=coco5k": ["data.root=/data/coco"], "data=manifest": ["data.manifest=/data/train.jsonl"],
+            "data=webdataset": ["data.shards='/data/s-{0..9}.tar'"], "data=hf": ["data.path=user/captions"]}
 
 
 @pytest.mark.parametrize(
@@ -225,5 +227,48 @@ def test_sample_writes_pngs_and_a_grid_for_a_run(run_dirs, tmp_path):
         cfg = compose("sample", overrides=[f"run={run}", "prompts=[a red circle,a blue square,a green star]",
                                            f"output_dir={tmp_path / 'samples'}", "steps=2", "device=cpu"])
     out = sample(cfg)
-    assert sorted(p.name for p in out.glob("*.png")) == ["000.png", "001.png", "002.png", "grid.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["000_00_seed0.png", "001_00_seed1.png", "002_00_seed2.png",
+                                                          "grid.png"]
     assert (out / "prompts.txt").read_text().splitlines() == ["a red circle", "a blue square", "a green star"]
+
+
+def test_sample_options_size_images_per_prompt_negative_prompt_and_an_exported_folder(run_dirs, tmp_path):
+    """Size, images per prompt with the seed in each name (MCD samples deterministically: the file is redrawn from
+    that seed alone), a negative prompt that changes guided images, and an exported folder as the LoRA (its base
+    model named by base_model=)."""
+    import numpy as np
+    from PIL import Image
+
+    from cm_lightning.export import export_run
+    from cm_lightning.sample import sample
+
+    cache, _ = run_dirs
+    run = tmp_path / "run"
+    cfg = compose_train(*quick_overrides(cache, run, "mcd"), "trainer.max_steps=1")
+    train(cfg)
+    exported = export_run(run, tmp_path / "export", grid=False)
+
+    def draw(name: str, *overrides: str) -> Path:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            sample_cfg = compose("sample", overrides=[f"run={exported}", f"base_model={cfg.model.pretrained}",
+                                                      "prompts=[a red circle]", f"output_dir={tmp_path / name}",
+                                                      "device=cpu", *overrides])
+        return sample(sample_cfg)
+
+    def pixels(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path), dtype=np.int16)
+
+    two = draw("two", "images_per_prompt=2", "seed=5", "height=32", "width=48")
+    assert sorted(p.name for p in two.glob("*.png")) == ["000_00_seed5.png", "000_01_seed6.png", "grid.png"]
+    assert Image.open(two / "000_01_seed6.png").size == (48, 32)
+    again = draw("again", "seed=6", "height=32", "width=48")
+    redrawn = np.abs(pixels(again / "000_00_seed6.png") - pixels(two / "000_01_seed6.png"))
+    other = np.abs(pixels(two / "000_00_seed5.png") - pixels(two / "000_01_seed6.png"))
+    assert redrawn.max() <= 2 and redrawn.mean() < other.mean() / 10  # batch 1 vs 2: float rounding only
+    plain, negative = draw("plain", "guidance_scale=3.0"), draw("neg", "guidance_scale=3.0", "negative_prompt=blue")
+    assert np.abs(pixels(plain / "000_00_seed0.png") - pixels(negative / "000_00_seed0.png")).max() > 0
+    with pytest.raises(UserError, match="height=31: must be a positive multiple of"):
+        draw("bad", "height=31")
+    with pytest.raises(UserError, match="trained on a local model"):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            sample(compose("sample", overrides=[f"run={exported}", f"output_dir={tmp_path / 'x'}", "device=cpu"]))

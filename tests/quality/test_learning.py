@@ -11,10 +11,13 @@ low that later drifted up (demo.yaml). MCD improved from step 50 to 100 on both 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hydra import compose, initialize_config_dir
 
 from cm_lightning.cli import asset_path
+from cm_lightning.prompts import read_prompts
 from cm_lightning.shapes.table import PromptSet, Row, evaluate_rows
 from cm_lightning.train import train
 
@@ -41,6 +44,8 @@ def students(tmp_path_factory, conf_dir):
             "batch_size=16", "optimizer.lr=3e-4", f"teacher_guidance.min={GUIDANCE[0]}",
             f"teacher_guidance.max={GUIDANCE[1]}", "data.datamodule.source.num_images=256",
             "data.datamodule.progress=false", "logger=none", "~callbacks.sample_grid",
+            # the validation's reference is the table's: the teacher's DDIM 50 at the mean g, on 8 prompts
+            f"callbacks.validation.teacher_guidance={sum(GUIDANCE) / 2}", "callbacks.validation.num_prompts=8",
             f"paths.cache_dir={root / 'cache'}", f"paths.output_dir={root / method}",
         ]
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
@@ -60,3 +65,23 @@ def test_short_cd_and_mcd_distillation_from_the_guided_teacher_learn_its_images_
     for student in ("CD-4", "MCD-4"):
         assert gap[student] < GAP_MARGIN[student] * gap["teacher DDIM 4 unguided"], (student, gap)
         assert fidelity[student] > fidelity["teacher DDIM 4 unguided"] + FIDELITY_MARGIN, (student, fidelity)
+
+
+def test_the_validation_metric_is_the_tables_teacher_gap_and_ranks_runs_as_the_table_does(students):
+    """What train returns (val/teacher_gap, logged at the end of each run above) is the quality table's teacher gap
+    on the validation's prompts and noise, and it ranks MCD-4 < CD-4 < the unguided teacher's DDIM-4."""
+    val = {m: json.loads((students / m / "metrics.json").read_text())["metrics"]["val/teacher_gap"]
+           for m in ("cd", "mcd")}
+    prompts = PromptSet.from_shapes("validation", "train", 8, seed=4321)
+    assert prompts.prompts == read_prompts(None, asset_path("shapes_validation_prompts.txt"))[:8]
+    g = sum(GUIDANCE) / 2
+    rows = [Row("teacher DDIM 50", None, 50, g), Row("teacher DDIM 4 unguided", None, 4, 1.0),
+            Row("CD-4", str(students / "cd"), 4, 1.0), Row("MCD-4", str(students / "mcd"), 4, 1.0)]
+    results, _ = evaluate_rows(asset_path("shapes_teacher"), rows, [prompts], reference="teacher DDIM 50",
+                               seed=1234, batch_size=8)  # the validation's noise: seed 1234 + i
+    gap = {r["row"]: r["teacher_gap"] for r in results}
+    # MCD samples deterministically: the same number both ways (the LoRA merged here, unmerged in training);
+    # CD re-noises between steps from another generator, so only its rank is compared
+    assert val["mcd"] == pytest.approx(gap["MCD-4"], rel=0.02), (val, gap)
+    assert val["mcd"] < val["cd"] < gap["teacher DDIM 4 unguided"], (val, gap)
+    assert gap["MCD-4"] < gap["CD-4"] < gap["teacher DDIM 4 unguided"], gap

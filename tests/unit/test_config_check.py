@@ -34,7 +34,7 @@ def no_weights(monkeypatch):
 @pytest.mark.parametrize("argv,expected", [
     (["method=foo"], "method=foo: no such method; choose one of: cd, ct, mcd, teacher"),
     (["model=sd14"], "model=sd14: no such model; choose one of: local, sd15, shapes_teacher, tiny"),
-    (["data=imagenet"], "data=imagenet: no such data; choose one of: coco5k, manifest, shapes"),
+    (["data=imagenet"], "data=imagenet: no such data; choose one of: coco5k, hf, manifest, shapes, webdataset"),
     (["-m", "method=cd,mcdd"], "method=mcdd: no such method"),   # each value of a sweep
     (["foo=1"], "Could not override 'foo'"),
 ])

@@ -112,7 +112,7 @@ def test_graphed_student_gives_the_eager_outputs_and_gradients_as_weights_move(t
                 out = net(x, t, context)
             out.square().mean().backward()
             results.append((out.detach().clone(), torch.cat([p.grad.flatten() for p in params]).clone()))
-        tolerance = 1e-5 if dtype is None else 2e-2
+        tolerance = 1e-4 if dtype is None else 2e-2  # fp32: cuDNN may pick other algorithms (2.5e-5 seen on an H200)
         for graphed_value, eager_value in zip(*results):
             assert ((graphed_value - eager_value).norm() / eager_value.norm()).item() < tolerance
         with torch.no_grad():  # an optimizer step in place: the next replay must see the new weights
@@ -151,8 +151,8 @@ def test_step_profiler_times_every_step_and_phase_of_a_real_run(tmp_path, conf_d
 
 
 def test_half_precision_roles_run_the_unet_outside_autocast(tiny_sd_path):
-    """Under a mixed-precision trainer the teacher and target run as inference does (pure half dtype, autocast off
-    inside the UNet call), the student under the trainer's autocast."""
+    """Under a mixed-precision trainer the roles named run as inference does (pure half dtype, autocast off inside
+    the UNet call), the others under the trainer's autocast."""
     from cm_lightning.diffusion.schedule import NoiseSchedule
     from cm_lightning.methods.cd import ConsistencyDistillation
     from cm_lightning.methods.sampling import unet_network
@@ -162,9 +162,9 @@ def test_half_precision_roles_run_the_unet_outside_autocast(tiny_sd_path):
     module = ConsistencyDistillation(
         components.unet, NoiseSchedule.from_scheduler_config(components.scheduler_config),
         lora={"rank": 4, "alpha": 4}, optimizer=lambda params: torch.optim.AdamW(params),
+        half_precision_roles=["teacher", "target"],
     )
     cast_for_training(module.unet, torch.bfloat16)
-    assert module.half_precision_roles == {"teacher", "target"}
     generator = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 16, 16, generator=generator), torch.tensor([10, 700])
     context = torch.randn(2, 77, module.unet.config.cross_attention_dim, generator=generator)

@@ -1,0 +1,61 @@
+"""The training progress bar: optimizer steps to ``trainer.max_steps``, with rate and ETA, across epochs.
+
+Lightning's own bar counts batches of the current epoch (``Epoch 0/-2`` when only ``max_steps`` bounds a run) and
+restarts every epoch, so it says nothing about when a step-bounded run ends.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+
+
+def total_steps(trainer: L.Trainer) -> int | None:
+    """The run's optimizer steps: ``max_steps``, else epochs x batches per epoch / accumulation (None: unknown)."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return trainer.max_steps
+    batches, epochs = convert_inf(trainer.num_training_batches), trainer.max_epochs
+    if batches is None or epochs is None or epochs < 0:
+        return None
+    return epochs * (batches // max(1, trainer.accumulate_grad_batches))
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar for the whole run: ``train: 40%|####      | 400/1000 [02:10<03:15, 3.07step/s, loss=...]``.
+
+    Counts ``trainer.global_step`` (optimizer steps, so gradient accumulation does not inflate it), starts at the
+    resumed step, and keeps going across epochs; validation bars are Lightning's own.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        bar = self.init_train_tqdm()
+        bar.unit, bar.desc = "step", "train"
+        bar.reset(total=total_steps(trainer))
+        bar.initial = bar.n = trainer.global_step
+        bar.refresh()
+        self.train_progress_bar = bar
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        pass  # one bar across epochs
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        step = trainer.global_step
+        if bar is None or bar.disable or step == bar.n:
+            return
+        if step % self.refresh_rate == 0 or step == bar.total:
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        bar = self.train_progress_bar
+        if not bar.disable:
+            bar.n = trainer.global_step
+            bar.refresh()
+        bar.close()
