@@ -101,7 +101,7 @@ def test_export_is_hub_ready_card_metadata_grid_and_lora_load(tiny_sd_path, trai
     from huggingface_hub import ModelCard
     from PIL import Image
 
-    run = trained_run("multistep")
+    run = trained_run("cd", "multistep")
     (run / "lora" / "train_config.yaml").write_text(
         f"method:\n  name: cd\n  module:\n    loss: pseudo_huber\ntrainer:\n  max_steps: 6\n  precision: 32-true\n"
         f"batch_size: 4\nseed: 42\nmodel:\n  pretrained: {tiny_sd_path}\ndata:\n  name: shapes\n")
@@ -138,7 +138,7 @@ def test_python_api_load_pipeline_samples_a_run_as_our_sampler_does(tiny_sd_path
     import cm_lightning
 
     edges = segment_edges(solver_grid(1000, 50), 4).tolist()
-    run = trained_run("edge_jumps", edges)
+    run = trained_run("mcd", "edge_jumps", edges=edges)
     pipe = cm_lightning.load_pipeline(run, safety_checker=None, requires_safety_checker=False)
     kwargs = cm_lightning.sampling_kwargs(run)
     assert isinstance(pipe.scheduler, TCDScheduler)
