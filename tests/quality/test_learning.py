@@ -55,7 +55,8 @@ def students(tmp_path_factory, conf_dir):
 
 def test_short_cd_and_mcd_distillation_from_the_guided_teacher_learn_its_images_and_prompts(students):
     g = sum(GUIDANCE) / 2
-    rows = [Row("teacher DDIM 50", None, 50, g), Row("MCD-4", str(students / "mcd"), 4, 1.0)]
+    rows = [Row("teacher DDIM 50", None, 50, g), Row("teacher DDIM 4 unguided", None, 4, 1.0),
+            Row("CD-4", str(students / "cd"), 4, 1.0), Row("MCD-4", str(students / "mcd"), 4, 1.0)]
     prompts = PromptSet.from_shapes("train", "train", 24, seed=1234)
     results, _ = evaluate_rows(asset_path("shapes_teacher"), rows, [prompts], reference="teacher DDIM 50",
                                batch_size=24)
