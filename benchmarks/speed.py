@@ -143,6 +143,12 @@ TRAIN_VARIANTS = {
     "mcd_nographs": ["method=mcd", "boundaries=4", "method.module.cuda_graphs=false"],
     "cd_half_student_cl": ["method=cd", "method.module.half_precision_roles=[teacher,target,student]",
                            "method.module.channels_last=true"],
+    # session 5: the rank-r LoRA backward (now the default) against autograd's dense dW'; cuDNN's autotuner off;
+    # the optimizer phase's host time under cProfile (its own run: the profiler slows that phase)
+    "cd_dense_backward": ["method=cd", "method.module.lora_forward=merged_dense_backward"],
+    "cd_nobenchmark": ["method=cd", "trainer.benchmark=false"],
+    "cd_host_profile": ["method=cd", "+callbacks.step_profiler.host_profile=true"],
+    "cd_synced": ["method=cd", "+callbacks.step_profiler.sync_every_step=true"],  # session 4's timing method
 }
 
 
@@ -193,7 +199,10 @@ def measure_sampling(args, runs: dict, device: torch.device) -> dict:
     for name, run_dir, steps, guidance in cases:
         if (name != "teacher" and run_dir is None) or name not in args.sample_cases.split(","):
             continue
-        for fast in [mode == "fast" for mode in args.sample_modes.split(",")]:
+        for mode in args.sample_modes.split(","):
+            fast = mode.startswith("fast")
+            # as `sample` runs (cli.compute_device): cuDNN's autotuner on, except in the modes before it
+            torch.backends.cudnn.benchmark = mode == "fast"
             components = load_components(str(args.work / "model"))
             drawer, _ = load_drawer(components, run_dir, device=device, dtype=dtype, encoder_dtype=dtype,
                                     merge_lora=fast, cuda_graphs=fast)
@@ -208,7 +217,7 @@ def measure_sampling(args, runs: dict, device: torch.device) -> dict:
                     drawer.draw(prompts, steps=steps, guidance_scale=guidance, seed=i, batch_size=batch)
                     if i >= 2:
                         times.append(time.perf_counter() - started)
-                key = f"{name}_{'fast' if fast else 'plain'}_b{batch}"
+                key = f"{name}_{mode}_b{batch}"
                 out[key] = {"steps": steps, "guidance": guidance, "median_ms": round(statistics.median(times) * 1000, 1),
                             "min_ms": round(min(times) * 1000, 1)}
                 print(key, out[key], flush=True)
@@ -220,7 +229,8 @@ def measure_sampling(args, runs: dict, device: torch.device) -> dict:
 
 def calibrate_vae_layout(args, device: torch.device) -> dict:
     """A side calibration (not an entry point) to choose the VAE's memory format: FrozenEncoders' encode at batch 64
-    (the cache build) and decode at batch 1 (drawing), channels-last against contiguous, median of 5 / 10."""
+    (the cache build) and decode at batch 1 (drawing), channels-last against contiguous, and contiguous with cuDNN's
+    autotuner (what the entry points use now), median of 5 / 10."""
     if device.type != "cuda":
         return {}
     from cm_lightning.models.components import load_components
@@ -231,7 +241,10 @@ def calibrate_vae_layout(args, device: torch.device) -> dict:
     pixels = torch.rand(64, 3, 512, 512, device=device) * 2 - 1
     latents = torch.randn(1, 4, 64, 64, device=device)
     out = {}
-    for name, layout in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+    for name, layout, autotune in (("channels_last", torch.channels_last, False),
+                                   ("contiguous", torch.contiguous_format, False),
+                                   ("contiguous_autotuned", torch.contiguous_format, True)):
+        torch.backends.cudnn.benchmark = autotune
         encoders.vae.to(memory_format=layout)
         encoders.memory_format = layout
         for label, call, repeats in (("encode_b64_ms", lambda: encoders.encode_images(pixels), 5),
@@ -276,7 +289,8 @@ def main() -> None:
     parser.add_argument("--reference", default="no_ckpt,ckpt", help="reference loop variants")
     parser.add_argument("--budget-s", type=float, default=560, help="stop starting new sections after this")
     parser.add_argument("--sample-cases", default="mcd,cd,teacher", help="what the sample section draws")
-    parser.add_argument("--sample-modes", default="plain,fast", help="plain (eager, LoRA unmerged) and/or fast")
+    parser.add_argument("--sample-modes", default="plain,fast",
+                        help="plain (eager, LoRA unmerged), fast (the defaults), fast_noautotune (cuDNN autotuner off)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -314,6 +328,8 @@ def main() -> None:
         train_variants(args.variants)
     if "reference" in sections and elapsed() < args.budget_s:
         from reference_lcm_loop import measure_reference
+
+        torch.backends.cudnn.benchmark = False  # as diffusers' LCM-LoRA script leaves it
 
         results["reference"] = measure_reference(model, device, batch=args.batch, steps=args.steps, skip=args.skip,
                                                  resolution=512 if args.scale == "sd15" else 32,

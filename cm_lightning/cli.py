@@ -87,9 +87,15 @@ def parse_dtype(name: str, field: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def compute_device(accelerator: str = "auto") -> torch.device:
-    """This process's device: its local GPU when one is asked for (or 'auto') and present, else the CPU."""
+def compute_device(accelerator: str = "auto", cudnn_benchmark: bool = True) -> torch.device:
+    """This process's device: its local GPU when one is asked for (or 'auto') and present, else the CPU.
+
+    On a GPU, ``cudnn_benchmark`` lets cuDNN time its convolution algorithms once per shape and keep the fastest
+    (the trainer's ``benchmark`` does the same for ``train``): every entry point encodes, draws and trains at
+    fixed shapes, so the search is paid once, and its heuristics otherwise pick slower kernels for SD's convs.
+    """
     if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if accelerator in ("gpu", "cuda"):
         raise UserError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu")

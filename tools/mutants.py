@@ -170,6 +170,10 @@ MUTANTS = [
     Mutant("lora_alpha ignored in training (scale 1)", "cm_lightning/models/lora.py",
            "        lora_alpha=alpha,", "        lora_alpha=rank,",
            ("tests/unit/test_lora_scale.py::test_every_adapted_layer_scales_by_alpha_over_rank",)),
+    Mutant("LoRA A's gradient without the alpha / rank scale (rank-r backward, convolutions)", "cm_lightning/models/lora.py",
+           "grad_a = torch.nn.grad.conv2d_weight(x, lora_a.shape, v, stride, padding, dilation) * scale",
+           "grad_a = torch.nn.grad.conv2d_weight(x, lora_a.shape, v, stride, padding, dilation)",
+           ("tests/unit/test_fast_paths.py::test_merged_lora_forward_gives_peft_outputs_and_gradients",)),
     # ---- options: EMA and curriculum
     Mutant("target EMA updated every micro-batch", "cm_lightning/methods/base.py",
            "if self.ema is not None and self.global_step != self._ema_step:", "if self.ema is not None:",

@@ -9,6 +9,8 @@
 # Run from the repo root with .whl carried:  bash benchmarks/gpu/quality.sh
 set -uo pipefail
 [ -n "${SKIP_INSTALL:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1  # SKIP_INSTALL: done by the caller
+# W&B (the default logger) where the image lacks it: pip resolves against what is installed, adds only what is missing
+[ -n "${SKIP_INSTALL:-}" ] || [ ! -d .whl/wandb ] || python3 -c 'import wandb' 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl/wandb wandb || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CM_LIGHTNING_CACHE=/tmp/cm_cache
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; RUNS=/tmp/quality_runs; mkdir -p "$RUNS"
 STEPS=${STEPS:-2000}; MAX_TIME=${MAX_TIME:-00:00:04:45}; EDGE_RULE8=${EDGE_RULE8:-pcm}; CT_SWEEP=${CT_SWEEP-2,3,4,5}

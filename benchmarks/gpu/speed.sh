@@ -4,6 +4,8 @@
 # Run from the repo root with .whl carried:  bash benchmarks/gpu/speed.sh
 set -uo pipefail
 [ -n "${SKIP_INSTALL:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1  # SKIP_INSTALL: done by the caller
+# W&B (the default logger) where the image lacks it: pip resolves against what is installed, adds only what is missing
+[ -n "${SKIP_INSTALL:-}" ] || [ ! -d .whl/wandb ] || python3 -c 'import wandb' 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl/wandb wandb || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; nproc; date -u; } > "$OUT/speed_machine.txt"
@@ -11,5 +13,5 @@ export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # (plugin autoload off: a plugin in the device image needs another pytest than the carried one)
 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fast_paths.py > "$OUT/gpu_tests.txt" 2>&1; tail -4 "$OUT/gpu_tests.txt"
 python3 benchmarks/speed.py --work /tmp/speed --out "$OUT/speed.json" --budget-s ${BUDGET_S:-540} "$@" 2>&1 | tee "$OUT/speed.log" | grep -v -i -E "warn|it/s]" | tail -60
-tar -C /tmp/speed -czf "$OUT/speed_logs.tgz" --exclude='*.safetensors' --exclude='*.ckpt' --exclude=cache --exclude=model --exclude=coco runs prepare.log $(cd /tmp/speed && ls *.log) 2>/dev/null
+tar -C /tmp/speed -czf "$OUT/speed_logs.tgz" --exclude='*.safetensors' --exclude='*.ckpt' --exclude=cache --exclude=model --exclude=coco --exclude=wandb runs prepare.log $(cd /tmp/speed && ls *.log) 2>/dev/null
 ls -la "$OUT"

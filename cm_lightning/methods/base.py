@@ -50,6 +50,11 @@ def compile_unet_blocks(unet: torch.nn.Module) -> int:
     from diffusers.models.resnet import ResnetBlock2D
 
     blocks = [m for m in unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
+    # the blocks of one class share one compiled function per shape and role (teacher, target, student): SD1.5
+    # needs more than dynamo's default of 8 variants per function before it gives up and runs the rest eagerly
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
+    setattr(config, limit, max(getattr(config, limit), 64))
     for block in blocks:
         block.compile()
     return len(blocks)
@@ -70,7 +75,9 @@ class ConsistencyModule(LatentTrainingModule):
         gradient_checkpointing: trade compute for memory in the UNet: True, False, or 'auto' (on unless the
             GPU has at least ``AUTO_CHECKPOINTING_GIB`` of memory; off on the CPU, where memory is not the limit).
         lora_forward: 'merged' (each LoRA layer runs as one op on W + scale B A: same function and gradients,
-            about half the time at SD1.5 size) or 'peft' (peft's own unmerged forward).
+            about half the time at SD1.5 size; the backward takes A's and B's gradients through the rank-r factors),
+            'merged_dense_backward' (the same forward, autograd's full-size gradient of W' folded into A and B) or
+            'peft' (peft's own unmerged forward).
         compile_blocks: ``torch.compile`` each transformer and ResNet block of the UNet (regional compilation:
             blocks of one shape share their compiled code, so compiling takes far less than the whole UNet).
         cuda_graphs: on GPUs, replay the teacher, the target and the student's forward and backward from CUDA
@@ -121,8 +128,10 @@ class ConsistencyModule(LatentTrainingModule):
         self.grid = solver_grid(schedule.num_train_timesteps, num_solver_steps)
         self.loss_fn = make_loss(loss, huber_c)
         self.num_trainable = add_lora(unet, **lora)
-        if lora_forward == "merged":
-            use_merged_lora_forward(unet)
+        # listed once: walking the UNet's ~2,000 modules for them costs milliseconds of host time every step
+        self._trainable = [p for p in unet.parameters() if p.requires_grad]
+        if lora_forward != "peft":
+            use_merged_lora_forward(unet, low_rank_backward=lora_forward == "merged")
         self.compile_blocks = compile_blocks
         self.cuda_graphs = cuda_graphs
         unknown = set(half_precision_roles) - set(ROLES)
@@ -164,7 +173,7 @@ class ConsistencyModule(LatentTrainingModule):
 
     # ------------------------------------------------------------------ shared pieces
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        return self._trainable
 
     def network(self, role: str) -> Callable:
         """The UNet as ``net(x_t, t, context)`` for ``role`` ('student', 'teacher', 'target'): a CUDA-graph replay

@@ -44,10 +44,12 @@ class StepProgressBar(TQDMProgressBar):
         step = trainer.global_step
         if bar is None or bar.disable or step == bar.n:
             return
-        if step % self.refresh_rate == 0 or step == bar.total:
-            bar.n = step
+        # the loss shown is read from the GPU (a synchronisation, which stalls the host's queue of work), so only
+        # on logging steps; the count moves every step, redrawn at most every ``mininterval`` seconds by tqdm
+        if trainer._logger_connector.should_update_logs or step == bar.total:
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
-            bar.refresh()
+        if step % self.refresh_rate == 0 or step == bar.total:
+            bar.update(step - bar.n)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self.train_progress_bar.disable:

@@ -155,18 +155,21 @@ def save_lora_diffusers(
 
 
 # ---------------------------------------------------------------------------------------------- merged forward
-LORA_FORWARDS = ("merged", "peft")
+LORA_FORWARDS = ("merged", "merged_dense_backward", "peft")
 
 
-def use_merged_lora_forward(unet: torch.nn.Module) -> int:
+def use_merged_lora_forward(unet: torch.nn.Module, low_rank_backward: bool = True) -> int:
     """Run every LoRA Linear/Conv2d as ONE base-shaped op on ``W + scale * B @ A``, rebuilt on each call.
 
     peft's own forward adds ``B(A(x)) * scale`` beside the base op: at SD1.5 size its small rank-r matmuls and
     convolutions, their backward and the extra adds roughly double the cost of a UNet call (issue 10's
     calibration: 52 vs 26 ms at batch 1, 56 vs 31 ms at batch 8). Rebuilding the weight costs one small matmul
-    and one pass over W per layer, and autograd carries the gradient of W' back to A and B, so the result is
-    the same function with the same gradients (tests pin both). Layers with dropout, other LoRA variants,
-    merged or switched-off adapters and mixed-adapter batches keep peft's path. Returns the layers switched.
+    and one pass over W per layer. The backward (``low_rank_backward``, :class:`_MergedLora`) computes the input's
+    gradient through W' and the gradients of A and B through the rank-r factors, as peft's unmerged layer does;
+    without it autograd forms the full-size gradient of W' (as costly as the forward's matmul) and folds it into A
+    and B. Either way the result is the same function with the same gradients (tests pin both to peft). Layers with
+    dropout, other LoRA variants, merged or switched-off adapters and mixed-adapter batches keep peft's path.
+    Returns the layers switched.
     """
     from peft.tuners.lora import layer as lora_layers
 
@@ -174,6 +177,7 @@ def use_merged_lora_forward(unet: torch.nn.Module) -> int:
     for module in unet.modules():
         if isinstance(module, (lora_layers.Linear, lora_layers.Conv2d)) and not hasattr(module, "_peft_forward"):
             module._peft_forward = module.forward
+            module._low_rank_backward = low_rank_backward
             module.forward = types.MethodType(_merged_forward, module)
             switched += 1
     return switched
@@ -186,12 +190,76 @@ def _merged_forward(layer, x: Tensor, *args, **kwargs) -> Tensor:
                    for a in adapters)):
         return layer._peft_forward(x, *args, **kwargs)
     base = layer.get_base_layer()
+    if layer._low_rank_backward and len(adapters) == 1 and _low_rank_fits(layer, base, x):
+        adapter = adapters[0]
+        conv = None if isinstance(base, torch.nn.Linear) else (base.stride, base.padding, base.dilation)
+        return _MergedLora.apply(x, base.weight, base.bias, layer.lora_A[adapter].weight,
+                                 layer.lora_B[adapter].weight, layer.scaling[adapter], conv)
     weight = base.weight
     for adapter in adapters:
         weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
     if isinstance(base, torch.nn.Linear):
         return torch.nn.functional.linear(x, weight, base.bias)
     return base._conv_forward(x, weight, base.bias)
+
+
+def _low_rank_fits(layer, base, x: Tensor) -> bool:
+    """Whether :class:`_MergedLora` computes this layer: a frozen base, plain Linear (W stored out x in) or Conv2d
+    (one group, zero padding, B a 1x1 conv), input in the weight's dtype (outside autocast, as training runs)."""
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return False
+    if x.dtype != base.weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return False
+    if isinstance(base, torch.nn.Linear):
+        return not getattr(layer, "fan_in_fan_out", False)
+    return (isinstance(base, torch.nn.Conv2d) and base.groups == 1 and base.padding_mode == "zeros"
+            and isinstance(base.padding, tuple) and tuple(base.dilation) == (1, 1)
+            and tuple(layer.lora_B[layer.active_adapters[0]].weight.shape[2:]) == (1, 1))
+
+
+class _MergedLora(torch.autograd.Function):
+    """y = op(x, W + s B A) + bias for a frozen W, with the backward of peft's unmerged layer.
+
+    The forward is one base-shaped op (Linear or Conv2d: ``conv`` = (stride, padding, dilation), else None). The
+    backward gives dx through W' and dA, dB through the rank-r factors: u = A x, dB = s g u^T, v = B^T g,
+    dA = s v x^T (convolutions: A's kernel and stride, B 1x1), instead of the full-size dW' = g x^T that autograd
+    would form and fold into A and B: at SD1.5 size that dW' costs as much as the forward's matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, conv):
+        rank = lora_a.shape[0]
+        delta = (lora_b.reshape(lora_b.shape[0], rank) @ lora_a.reshape(rank, -1)).reshape(weight.shape) * scale
+        merged = weight + delta.to(weight.dtype)
+        if conv is None:
+            y = torch.nn.functional.linear(x, merged, bias)
+        else:
+            y = torch.nn.functional.conv2d(x, merged, bias, *conv)
+        ctx.save_for_backward(x, merged, lora_a, lora_b)
+        ctx.scale, ctx.conv = scale, conv
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, merged, lora_a, lora_b = ctx.saved_tensors
+        scale, conv = ctx.scale, ctx.conv
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        grad_x = grad_a = grad_b = None
+        if conv is None:
+            if ctx.needs_input_grad[0]:
+                grad_x = grad @ merged
+            x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+            grad_b = (g2.t() @ (x2 @ a.t())) * scale  # out x r
+            grad_a = ((g2 @ b).t() @ x2) * scale  # r x in
+        else:
+            stride, padding, dilation = conv
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.nn.grad.conv2d_input(x.shape, merged, grad, stride, padding, dilation)
+            u = torch.nn.functional.conv2d(x, a, None, stride, padding, dilation)  # A's conv: N x r x H' x W'
+            grad_b = torch.nn.grad.conv2d_weight(u, lora_b.shape, grad) * scale
+            v = torch.nn.functional.conv2d(grad, b.transpose(0, 1))  # B^T g: N x r x H' x W'
+            grad_a = torch.nn.grad.conv2d_weight(x, lora_a.shape, v, stride, padding, dilation) * scale
+        return grad_x, None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None
 
 
 def merge_adapter(unet: torch.nn.Module) -> None:
