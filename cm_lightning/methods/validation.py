@@ -24,6 +24,7 @@ import torch
 from ..diffusion.samplers import Conditioning
 from ..eval.metrics import clip_score, teacher_gap
 from ..figures import image_grid
+from ..loggers import log_image
 from ..models.lora import adapters_disabled
 from ..prompts import read_prompts
 from .sampling import generate_latents, renoise_generator
@@ -152,6 +153,4 @@ class TeacherGapValidation(L.Callback):
             self.folder.mkdir(parents=True, exist_ok=True)
             name = "teacher_reference" if key.endswith("teacher") else f"validation_step{trainer.global_step:06d}"
             grid.save(self.folder / f"{name}.png")
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key=key, images=[grid], caption=[caption], step=trainer.global_step)
+        log_image(trainer.loggers, key, grid, caption, trainer.global_step)
