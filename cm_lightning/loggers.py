@@ -13,6 +13,7 @@ import os
 from typing import Any
 from urllib.parse import urlparse
 
+from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import ThroughputMonitor
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,27 @@ def batch_size_of(batch: dict) -> int:
     return int(batch["latents"].shape[0])
 
 
+class PerBatchFlops(Throughput):
+    """Lightning's ``Throughput`` given the FLOPs of one batch (the module's ``flops_per_batch``): it counts them once
+    per batch since the previous update, so the FLOP rate stays right when the monitor updates only on some batches
+    (e.g. on the steps that log, to spare a GPU synchronisation per batch)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._last_batches = 0
+
+    def update(self, *, time: float, batches: int, samples: int, lengths: int | None = None,
+               flops: int | None = None) -> None:
+        if flops is not None:
+            flops = flops * (batches - self._last_batches)
+        self._last_batches = batches
+        super().update(time=time, batches=batches, samples=samples, lengths=lengths, flops=flops)
+
+    def reset(self) -> None:
+        super().reset()
+        self._last_batches = 0
+
+
 class SamplesPerSecond(ThroughputMonitor):
     """Lightning's ``ThroughputMonitor`` over the datamodule's batches: ``train/device/samples_per_sec`` and
     ``batches_per_sec`` (across devices too under DDP), ``train/device/flops_per_sec`` from the model FLOPs of a
@@ -98,8 +120,8 @@ class SamplesPerSecond(ThroughputMonitor):
                 warnings.simplefilter("ignore")
             super().setup(trainer, pl_module, stage)
         self.available_flops = peak
-        for throughput in self._throughputs.values():
-            throughput.available_flops = peak
+        self._throughputs = {stage: PerBatchFlops(available_flops=peak, world_size=trainer.world_size, **self.kwargs)
+                             for stage in self._throughputs}
         self._module_has_flops = hasattr(pl_module, "flops_per_batch")  # and no warning when there is none
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:

@@ -65,3 +65,20 @@ def test_the_peak_is_the_dense_one_for_an_h200_and_lightnings_elsewhere(monkeypa
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     assert flops.peak_flops(torch.device("cuda"), torch.bfloat16) == 312e12  # Lightning's table
     assert flops.peak_flops(torch.device("cpu"), torch.float32) is None  # no CPU peak: FLOP/s without MFU
+
+
+def test_the_flop_rate_counts_every_batch_when_the_monitor_updates_only_on_some():
+    """flops_per_batch is one batch's: an update after 3 batches adds 3 batches' FLOPs (a monitor that reads the clock
+    only on logging steps); updated every batch, it is Lightning's own rate."""
+    from cm_lightning.loggers import PerBatchFlops
+
+    sparse, dense = PerBatchFlops(window_size=2), PerBatchFlops(window_size=4)
+    for batches in (3, 6):  # batches 1-3 then 4-6, one second each
+        sparse.update(time=batches, batches=batches, samples=2 * batches, flops=100)
+    for batches in (3, 4, 5, 6):
+        dense.update(time=batches, batches=batches, samples=2 * batches, flops=100)
+    assert sparse.compute()["device/flops_per_sec"] == dense.compute()["device/flops_per_sec"] == 100.0
+    sparse.reset()
+    sparse.update(time=1, batches=1, samples=2, flops=100)
+    sparse.update(time=2, batches=2, samples=4, flops=100)
+    assert sparse.compute()["device/flops_per_sec"] == 100.0  # counted from 0 again after a reset
