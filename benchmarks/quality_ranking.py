@@ -28,7 +28,8 @@ CLAIM = ("mcd4", "cd", "ct")  # the order issue 12 asks the validation metric to
 
 
 def last_validation(run: Path) -> tuple[int, float] | None:
-    """(step, value) of the last logged ``val/teacher_gap`` in the run's newest CSV logger version, or None."""
+    """(step, value) of the ``val/teacher_gap`` logged at the highest step in the run's newest CSV logger version
+    (the end of training), or None."""
     versions = sorted((run / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
     if not versions:
         return None
@@ -37,7 +38,9 @@ def last_validation(run: Path) -> tuple[int, float] | None:
         for row in csv.DictReader(f):
             value = row.get(METRIC, "")
             if value not in ("", None):
-                last = (int(float(row.get("step") or -1)), float(value))
+                step = int(float(row.get("step") or -1))
+                if last is None or step >= last[0]:  # the highest step (the CSV's rows need not be in step order)
+                    last = (step, float(value))
     return last
 
 

@@ -32,7 +32,8 @@ def fake_runs(root: Path, val: dict[str, float], table: dict[str, float]) -> tup
         new = runs / name / "csv" / "version_1" / "metrics.csv"
         new.parent.mkdir(parents=True)
         new.write_text("epoch,step,train/loss,val/teacher_gap\n"
-                       f"0,49,0.30,\n0,250,,{gap + 0.5}\n0,299,0.20,\n0,600,,{gap}\n0,649,0.10,\n")
+                       f"0,49,0.30,\n0,250,,{gap + 0.5}\n0,299,0.20,\n0,600,,{gap}\n0,649,0.10,\n"
+                       f"0,400,,{gap + 0.3}\n")  # rows need not come in step order
     results = [{"row": "teacher DDIM 50", "set": s, "teacher_gap": 0.0} for s in ("train", "heldout")]
     results += [{"row": TABLE_ROWS[n], "set": "train", "teacher_gap": g} for n, g in table.items()]
     results += [{"row": TABLE_ROWS[n], "set": "heldout", "teacher_gap": 1.0 - g} for n, g in table.items()]
