@@ -34,13 +34,25 @@ SHAPES_EVALUATE = "cm_lightning.shapes.evaluate.evaluate"  # by name: the core n
 
 
 def held_out_pairs(coco: DictConfig):
-    """Captions and images of ``coco.num_images`` pairs of ``coco.split`` (val: never seen in training)."""
+    """Captions and images of ``coco.num_images`` pairs of ``coco.split`` (val: never seen in training); with
+    ``coco.exclude_training`` (training caches or manifests), only pairs whose image and caption training never saw."""
     from .data.coco import CocoCaptions
 
     if not coco.root:
         raise UserError("coco.root is not set: the COCO folder (annotations/captions_val2017.json, val2017/)")
-    return CocoCaptions(str(coco.root), split=coco.split, year=coco.year, num_pairs=coco.num_images,
-                        seed=coco.seed, captions_per_image=1)
+    exclude = coco.get("exclude_training")
+    source = CocoCaptions(str(coco.root), split=coco.split, year=coco.year,
+                          num_pairs=None if exclude else coco.num_images, seed=coco.seed, captions_per_image=1)
+    if not exclude:
+        return source
+    from .eval.held_out import without_training_pairs
+
+    kept, left_out = without_training_pairs(source, exclude, limit=coco.num_images)
+    log.info("coco.exclude_training: %d of %d %s pairs left out (image or caption seen in training); %d kept",
+             left_out, len(source), coco.split, len(kept))
+    if len(kept) < coco.num_images:
+        log.warning("only %d held-out pairs for coco.num_images=%d", len(kept), coco.num_images)
+    return kept
 
 
 def real_images(source, indices: range, resolution: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from .diffusion.schedule import NoiseSchedule
 from .errors import UserError
 from .methods.cuda_graphs import CudaGraphNetwork
 from .methods.sampler_table import get_sampler
-from .methods.sampling import SamplerKind, generate_latents, unet_network
+from .methods.sampling import SamplerKind, generate_latents, renoise_generator, unet_network
 from .models.components import SDComponents
 from .models.encoders import FrozenEncoders
 from .models.lora import ADAPTER, add_lora, load_lora_state_dict, merge_adapter
@@ -176,7 +176,7 @@ class Drawer:
         for start in starts:
             context = self.encoders.encode_prompts(prompts[start : start + batch_size]).to(self.device, self.dtype)
             x = noise[start : start + batch_size].to(self.device, self.dtype)
-            batch_generator = generator or torch.Generator(device=self.device).manual_seed(seed + 1_000_003 + start)
+            batch_generator = generator or renoise_generator(seed, start, self.device)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 latents = generate_latents(
                     self.unet, self.schedule, self.sampler, x, Conditioning(context, null, guidance_scale),

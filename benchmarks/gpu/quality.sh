@@ -3,7 +3,9 @@
 #   1. build the students' latent cache once (prepare),
 #   2. train CT, CD, MCD K=2/4/8 from the shipped teacher, as five processes sharing the GPU (the small
 #      UNet is launch-bound, so they overlap well); same config, same steps cap and wall-clock cap,
-#   3. evaluate every row on 2 x 2,000 prompts (train-distribution and held-out prompts).
+#   3. evaluate every row on 2 x 2,000 prompts (train-distribution and held-out prompts),
+#   4. check that the validation metric (val/teacher_gap, each run's last, against the teacher's DDIM 50 at the same
+#      g as the table's) ranks the runs as the table does, MCD-4 < CD-4 < CT-4: $OUT/ranking.md and ranking.json.
 #   MCD-8 uses PCM's edge rule (EDGE_RULE8=pcm): iCD's leaves a top segment of one grid point at K = 8, N = 50
 #   (docs/design.md); CT-4 is also evaluated with CFG at each g of CT_SWEEP (empty: no sweep).
 # Run from the repo root with .whl carried:  bash benchmarks/gpu/quality.sh
@@ -28,7 +30,7 @@ PY
 )
 echo "teacher guidance chosen: g=$G"; [ -n "$G" ] || G=3.0
 COMMON=(experiment=shapes_distill teacher_guidance.min=$G teacher_guidance.max=$G data.datamodule.num_workers=2 data.datamodule.progress=false
-        trainer.max_time=$MAX_TIME batch_size=256 lora.rank=32 optimizer.lr=3e-4)
+        trainer.max_time=$MAX_TIME batch_size=256 lora.rank=32 optimizer.lr=3e-4 callbacks.validation.teacher_guidance=$G)
 python3 -m cm_lightning.prepare "${COMMON[@]}" hydra.run.dir=$RUNS/prepare 2>&1 | tail -3
 start=$(date +%s)
 # STEPS caps every method; STEPS_CT caps CT alone (an equal-steps rerun of a table whose CT ran more steps)
@@ -47,5 +49,6 @@ for name in ct cd mcd2 mcd4 mcd8; do
 done | tee "$OUT/training_summary.txt"
 python3 -m cm_lightning.shapes.evaluate runs.ct=$RUNS/ct runs.cd=$RUNS/cd runs.mcd2=$RUNS/mcd2 runs.mcd4=$RUNS/mcd4 \
   runs.mcd8=$RUNS/mcd8 guidance=$G "ct_guidance_sweep=[$CT_SWEEP]" output_dir=$OUT/eval hydra.run.dir=$RUNS/eval 2>&1 | grep -v -E "it/s|s/it" | tail -30
+python3 benchmarks/quality_ranking.py --runs $RUNS --results $OUT/eval/results.json --out $OUT
 tar -C $RUNS -cf "$OUT/train_logs.tar" --exclude='*.ckpt' --exclude='*.safetensors' --exclude='*.pt' ct cd mcd2 mcd4 mcd8 ct.log cd.log mcd2.log mcd4.log mcd8.log
 ls -la "$OUT" "$OUT/eval"

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 
 from ..figures import image_grid
+from ..loggers import log_image
 from ..prompts import read_prompts
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimizer steps and at the end of training, draw ``prompts`` with the method's own
     sampler (from fixed noise, so grids are comparable across steps) and save ``samples/step{N:06d}.png``.
 
-    The grid also goes to every logger that can show images (W&B's ``log_image``).
+    The grid also goes to every logger that can show images (W&B, TensorBoard).
     """
 
     def __init__(self, folder: str, every_n_steps: int = 250, prompts: list[str] | None = None,
@@ -59,7 +60,4 @@ class SampleGrid(L.Callback):
                           columns=min(4, len(self.prompts)))
         self.folder.mkdir(parents=True, exist_ok=True)
         grid.save(self.folder / f"step{trainer.global_step:06d}.png")
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="samples", images=[grid], caption=[" | ".join(self.prompts)],
-                                 step=trainer.global_step)
+        log_image(trainer.loggers, "samples", grid, " | ".join(self.prompts), trainer.global_step)

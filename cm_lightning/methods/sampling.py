@@ -23,6 +23,18 @@ def unet_network(unet):
     return lambda x, t, context: unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
 
 
+# the multistep sampler's re-noising of the batch that starts at prompt ``start`` draws from a generator seeded
+# ``seed + RENOISE_SEED_OFFSET + start`` (offset: apart from the start noise's seeds ``seed + i``)
+RENOISE_SEED_OFFSET = 1_000_003
+
+
+def renoise_generator(seed: int, start: int, device: torch.device | str) -> torch.Generator:
+    """The generator for the re-noising of the batch starting at prompt ``start``: the Drawer's (``sample``,
+    ``compare``, ``evaluate``, the quality table) and the validation's, so that a stochastic sampler's validation
+    images are the table's for the same prompts, noise seed and batch size."""
+    return torch.Generator(device=device).manual_seed(seed + RENOISE_SEED_OFFSET + start)
+
+
 def sampling_timesteps(kind: SamplerKind, steps: int, schedule: NoiseSchedule, **options) -> torch.Tensor:
     """The descending timesteps sampler ``kind`` visits in ``steps`` network calls (options: see the table)."""
     return get_sampler(kind).timesteps(steps, schedule.num_train_timesteps, options)

@@ -3,6 +3,9 @@
 Every ``every_n_steps`` optimizer steps and at the end of training, the student draws a small fixed prompt set with
 its own sampler and step count (guidance distilled in: g = 1) from fixed noise; the metric is the teacher gap, the
 RMSE in pixels ([-1, 1]) to the teacher's 50-step DDIM images (CFG at ``teacher_guidance``) from the same noise.
+Noise and re-noising (CT/CD's multistep sampler) are drawn as the quality table draws them (image i from seed
+``seed + i``, each batch's re-noising from ``renoise_generator``), so the metric equals the table's teacher gap for
+the same prompts, seed and batch size.
 The teacher is the same UNet with its adapters switched off, and its images are drawn once per run. With
 ``clip_model`` set (a local CLIP folder), the CLIP score of the student's images is logged beside it.
 
@@ -21,9 +24,10 @@ import torch
 from ..diffusion.samplers import Conditioning
 from ..eval.metrics import clip_score, teacher_gap
 from ..figures import image_grid
+from ..loggers import log_image
 from ..models.lora import adapters_disabled
 from ..prompts import read_prompts
-from .sampling import generate_latents
+from .sampling import generate_latents, renoise_generator
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +102,19 @@ class TeacherGapValidation(L.Callback):
 
     def teacher_images(self, module, encoders) -> torch.Tensor:
         def draw(noise, context, null, start):
-            generator = torch.Generator(module.device).manual_seed(self.seed + start)
             with adapters_disabled(module.unet):
                 return generate_latents(module.unet, module.schedule, "ddim", noise,
                                         Conditioning(context, null, self.teacher_guidance), steps=self.teacher_steps,
-                                        generator=generator, **self.ddim_options)
+                                        generator=renoise_generator(self.seed, start, module.device),
+                                        **self.ddim_options)
 
         return self._draw(module, encoders, draw)
 
     def student_images(self, module, encoders) -> torch.Tensor:
-        def draw(noise, context, null, start):
+        def draw(noise, context, null, start):  # re-noising (CT/CD's multistep) from the table's generator
             return module.sample_latents(noise, context, steps=self.student_steps,
                                          guidance_scale=self.student_guidance,
-                                         generator=torch.Generator(module.device).manual_seed(self.seed + start))
+                                         generator=renoise_generator(self.seed, start, module.device))
 
         return self._draw(module, encoders, draw)
 
@@ -149,6 +153,4 @@ class TeacherGapValidation(L.Callback):
             self.folder.mkdir(parents=True, exist_ok=True)
             name = "teacher_reference" if key.endswith("teacher") else f"validation_step{trainer.global_step:06d}"
             grid.save(self.folder / f"{name}.png")
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key=key, images=[grid], caption=[caption], step=trainer.global_step)
+        log_image(trainer.loggers, key, grid, caption, trainer.global_step)

@@ -99,3 +99,37 @@ def test_evaluate_scores_rows_by_fid_fid_vs_teacher_and_clip_score(tmp_path, tin
     table = (out / "table.md").read_text()
     assert "| MCD-4 | 4 | 1 |" in table and "FID vs teacher 50" in table
     assert (out / "figure.png").is_file()
+
+
+def test_held_out_pairs_leave_out_every_pair_whose_image_or_caption_training_saw(tmp_path, conf_dir, fake_encoders):
+    """coco.exclude_training: a real latent cache of 2 of the folder's pairs (keys and captions in its shards), and a
+    manifest naming a third pair's image in COCO 2014's file name and a fourth pair's caption under another image."""
+    from cm_lightning.data.cache import LatentCache
+    from cm_lightning.data.coco import CocoCaptions
+    from cm_lightning.errors import UserError
+    from cm_lightning.evaluate import held_out_pairs
+
+    coco = write_coco_folder(tmp_path / "coco", 6, split="val", image_size=(40, 36), captions_per_image=1)
+
+    def pairs(*extra: str):
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose("evaluate", overrides=[f"coco.root={coco}", "coco.num_images=6", *extra])
+        return held_out_pairs(cfg.coco).pairs
+
+    everything = pairs()
+    assert len(everything) == 6 and len({p.caption for p in everything}) == 6
+    trained = CocoCaptions(str(coco), split="val", num_pairs=2, seed=5)
+    cache = LatentCache(trained, root=tmp_path / "cache", resolution=16, encoders=fake_encoders(), progress=False)
+    cache.build()
+    seen = {p.key for p in trained.pairs}
+    others = [p for p in everything if p.key not in seen]
+    image_id = int(Path(others[0].key).stem)
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text(json.dumps({"image": f"imgs/COCO_train2014_{image_id:012d}.jpg", "caption": "a dog"}) + "\n"
+                        + json.dumps({"image": "imgs/other.jpg", "caption": "  " + others[1].caption.upper()}) + "\n")
+
+    kept = pairs(f"coco.exclude_training=[{tmp_path / 'cache'},{manifest}]")  # the caches' folder: one level down
+    assert [p.key for p in kept] == [p.key for p in others[2:]]  # the rest, in the evaluation's order
+    assert pairs(f"coco.exclude_training={cache.path}", "coco.num_images=3") == others[:3]
+    with pytest.raises(UserError, match="neither a latent-cache folder nor a manifest"):
+        pairs(f"coco.exclude_training={tmp_path / 'missing.jsonl'}")
