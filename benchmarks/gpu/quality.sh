@@ -50,5 +50,5 @@ done | tee "$OUT/training_summary.txt"
 python3 -m cm_lightning.shapes.evaluate runs.ct=$RUNS/ct runs.cd=$RUNS/cd runs.mcd2=$RUNS/mcd2 runs.mcd4=$RUNS/mcd4 \
   runs.mcd8=$RUNS/mcd8 guidance=$G "ct_guidance_sweep=[$CT_SWEEP]" output_dir=$OUT/eval hydra.run.dir=$RUNS/eval 2>&1 | grep -v -E "it/s|s/it" | tail -30
 python3 benchmarks/quality_ranking.py --runs $RUNS --results $OUT/eval/results.json --out $OUT
-tar -C $RUNS -cf "$OUT/train_logs.tar" --exclude='*.ckpt' --exclude='*.safetensors' --exclude='*.pt' ct cd mcd2 mcd4 mcd8 ct.log cd.log mcd2.log mcd4.log mcd8.log
+tar -C $RUNS -cf "$OUT/train_logs.tar" --exclude='*.ckpt' --exclude='*.safetensors' --exclude='*.pt' --exclude=wandb ct cd mcd2 mcd4 mcd8 ct.log cd.log mcd2.log mcd4.log mcd8.log
 ls -la "$OUT" "$OUT/eval"
