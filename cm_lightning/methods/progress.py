@@ -25,12 +25,19 @@ class StepProgressBar(TQDMProgressBar):
     """One bar for the whole run: ``train: 40%|####      | 400/1000 [02:10<03:15, 3.07step/s, loss=...]``.
 
     Counts ``trainer.global_step`` (optimizer steps, so gradient accumulation does not inflate it), starts at the
-    resumed step, and keeps going across epochs; validation bars are Lightning's own.
+    resumed step, and keeps going across epochs; validation bars are Lightning's own. Written to a file or a pipe
+    (not a terminal), it redraws at most every ``log_interval_s`` seconds.
     """
+
+    def __init__(self, *args, log_interval_s: float = 30.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log_interval_s = log_interval_s
 
     def on_train_start(self, trainer, pl_module) -> None:
         bar = self.init_train_tqdm()
         bar.unit, bar.desc = "step", "train"
+        if not getattr(bar.fp, "isatty", lambda: False)():  # a log file, not a terminal: a line every 30 s, not 10 a second
+            bar.mininterval = self.log_interval_s
         bar.reset(total=total_steps(trainer))
         bar.initial = bar.n = trainer.global_step
         bar.refresh()
@@ -53,7 +60,7 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self.train_progress_bar.disable:
-            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
         bar = self.train_progress_bar

@@ -33,3 +33,14 @@ def test_bar_counts_optimizer_steps_to_max_steps_across_epochs(tmp_path, capsys)
 def test_bar_without_max_steps_counts_epochs_times_steps(tmp_path, capsys):
     out = fit(tmp_path, capsys, max_epochs=2, limit_train_batches=10)
     assert last_count(out) == (20, 20)
+
+
+def test_bar_in_a_log_file_redraws_at_most_every_log_interval(tmp_path, capsys):
+    # captured output is not a terminal: a long run's log gets a line every 30 s, not one per refresh
+    trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, callbacks=[StepProgressBar(log_interval_s=30)], max_steps=300,
+                        limit_val_batches=0)  # as a training run: no validation loop (its bar redraws this one)
+    trainer.fit(BoringModel())
+    out = capsys.readouterr().out
+    assert last_count(out) == (300, 300)
+    assert len(re.findall(r"train: ", out)) <= 4  # the first draw, the last, and the close
