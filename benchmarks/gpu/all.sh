@@ -16,4 +16,9 @@ if [ "$(nvidia-smi -L | wc -l)" -ge 3 ]; then JOB_GPU=1 QUALITY_GPU=2; else JOB_
 [ -z "$JOB_GPU" ] || CUDA_VISIBLE_DEVICES=$JOB_GPU OUT=$ROOT/job WORK=/tmp/speed1 SKIP_GPU_TESTS=1 BUDGET_S=560 bash benchmarks/gpu/speed.sh --sections prepare,job --images 2048 --workers 10 > "$ROOT/gpu_job.txt" 2>&1 &
 CUDA_VISIBLE_DEVICES=$QUALITY_GPU OUT=$ROOT/quality MAX_TIME=${QUALITY_MAX_TIME:-00:00:03:45} CT_SWEEP= bash benchmarks/gpu/quality.sh > "$ROOT/gpu_quality.txt" 2>&1 &
 wait
+# the device tool brings back at most 8 files (16 MiB each): one tarball per workload beside the three logs
+for part in speed job quality; do
+  [ -d "$ROOT/$part" ] && tar -C "$ROOT" -cf "$ROOT/$part.tar" "$part" && rm -rf "${ROOT:?}/$part"
+done
+ls -la "$ROOT"
 tail -25 "$ROOT/gpu0_speed.txt"; tail -8 "$ROOT/gpu_job.txt" 2>/dev/null; tail -20 "$ROOT/gpu_quality.txt"
