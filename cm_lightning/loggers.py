@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import ThroughputMonitor
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,11 @@ def wandb_logger(**kwargs: Any):
         os.environ["WANDB_MODE"] = "offline"
         log.info("W&B: no API key (WANDB_API_KEY or `wandb login`): logging offline under %s; "
                  "`wandb sync` uploads it later", kwargs.get("save_dir", "."))
-    import wandb
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("logger: W&B (the default logger) is not installed here: `pip install wandb`, or log "
+                        "without it: logger=csv (or logger=tensorboard, logger=none)") from None
     from lightning.pytorch.loggers import WandbLogger
 
     if wandb.run is not None:  # left open by an earlier run in this process that failed: WandbLogger would reuse it

@@ -81,3 +81,16 @@ def test_wandb_is_imported_only_when_its_logger_is_built():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]
+
+
+def test_without_wandb_installed_the_default_logger_is_one_clear_error(monkeypatch):
+    """A machine whose environment lacks wandb (the GPU image did) gets one line naming the fix, not Hydra's trace."""
+    from cm_lightning.cli import build
+    from cm_lightning.errors import UserError
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # restored after the test (the logger sets it when no key)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    node = OmegaConf.create({"_target_": "cm_lightning.loggers.wandb_logger", "save_dir": "unused"})
+    with pytest.raises(UserError, match=r"pip install wandb.*logger=csv"):
+        build(node)
