@@ -36,7 +36,8 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer, pl_module) -> None:
         bar = self.init_train_tqdm()
         bar.unit, bar.desc = "step", "train"
-        if not getattr(bar.fp, "isatty", lambda: False)():  # a log file, not a terminal: a line every 30 s, not 10 a second
+        # a log file, not a terminal: a line every 30 s, not 10 a second (a disabled bar, as on ranks > 0, has no file)
+        if not bar.disable and not getattr(bar.fp, "isatty", lambda: False)():
             bar.mininterval = self.log_interval_s
         bar.reset(total=total_steps(trainer))
         bar.initial = bar.n = trainer.global_step
