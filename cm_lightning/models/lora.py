@@ -190,7 +190,7 @@ def _merged_forward(layer, x: Tensor, *args, **kwargs) -> Tensor:
                    for a in adapters)):
         return layer._peft_forward(x, *args, **kwargs)
     base = layer.get_base_layer()
-    if layer._low_rank_backward and len(adapters) == 1 and _low_rank_fits(layer, base, x):
+    if layer._low_rank_backward and len(adapters) == 1 and _low_rank_fits(layer, base, adapters[0], x):
         adapter = adapters[0]
         conv = None if isinstance(base, torch.nn.Linear) else (base.stride, base.padding, base.dilation)
         return _MergedLora.apply(x, base.weight, base.bias, layer.lora_A[adapter].weight,
@@ -203,7 +203,7 @@ def _merged_forward(layer, x: Tensor, *args, **kwargs) -> Tensor:
     return base._conv_forward(x, weight, base.bias)
 
 
-def _low_rank_fits(layer, base, x: Tensor) -> bool:
+def _low_rank_fits(layer, base, adapter: str, x: Tensor) -> bool:
     """Whether :class:`_MergedLora` computes this layer: a frozen base, plain Linear (W stored out x in) or Conv2d
     (one group, zero padding, B a 1x1 conv), input in the weight's dtype (outside autocast, as training runs)."""
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
@@ -214,7 +214,7 @@ def _low_rank_fits(layer, base, x: Tensor) -> bool:
         return not getattr(layer, "fan_in_fan_out", False)
     return (isinstance(base, torch.nn.Conv2d) and base.groups == 1 and base.padding_mode == "zeros"
             and isinstance(base.padding, tuple) and tuple(base.dilation) == (1, 1)
-            and tuple(layer.lora_B[layer.active_adapters[0]].weight.shape[2:]) == (1, 1))
+            and tuple(layer.lora_B[adapter].weight.shape[2:]) == (1, 1))
 
 
 class _MergedLora(torch.autograd.Function):
