@@ -9,7 +9,8 @@ What it measures, each section written to ``--out`` (JSON) as soon as it is done
             step, separate cond/uncond teacher passes, fp16 autocast with a grad scaler), same card, same call;
   sample    ``load_drawer(...).draw`` (what ``sample`` runs) end to end, prompts to pixels on the host, for the MCD
             and CD students at batch 1 and 8 and the teacher's 50-step CFG DDIM, before and after the fast paths;
-  job       (if the time budget allows) the seed's whole job, 1,000 MCD steps, command to exported LoRA.
+  job       (if the time budget allows) the seed's whole job, 1,000 MCD steps, command to exported LoRA;
+  then the late train variants, while the budget lasts.
 ``--scale tiny`` runs the same on the tiny model on a CPU in about two minutes (to check the script, not to time).
 Usage: python benchmarks/speed.py --work /tmp/speed --out speed.json [--scale sd15|tiny] [--budget-s 560]
 """
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from datetime import date
 from pathlib import Path
 
@@ -149,6 +151,12 @@ TRAIN_VARIANTS = {
     "cd_nobenchmark": ["method=cd", "trainer.benchmark=false"],
     "cd_host_profile": ["method=cd", "+callbacks.step_profiler.host_profile=true"],
     "cd_synced": ["method=cd", "+callbacks.step_profiler.sync_every_step=true"],  # session 4's timing method
+    # session 6: the device time by kernel family (torch.profiler over 3 steps; the timed steps follow them; eager,
+    # so that no kernel hides inside a graph: the kernels are the same), and regional compilation under the graphs,
+    # run twice: cold, then from the compile cache the first run filled
+    "cd_trace": ["method=cd", "method.module.cuda_graphs=false", "+callbacks.step_profiler.kernel_trace=3"],
+    "cd_compile_warm": ["method=cd", "method.module.compile_blocks=true"],
+    "cd_sdpa_default": ["method=cd", "method.module.sdpa_backends={student:default,teacher:default,target:default}"],
 }
 
 
@@ -202,10 +210,11 @@ def measure_sampling(args, runs: dict, device: torch.device) -> dict:
         for mode in args.sample_modes.split(","):
             fast = mode.startswith("fast")
             # as `sample` runs (cli.compute_device): cuDNN's autotuner on, except in the modes before it
-            torch.backends.cudnn.benchmark = mode == "fast"
+            torch.backends.cudnn.benchmark = mode in ("fast", "fast_compile")
             components = load_components(str(args.work / "model"))
+            started = time.perf_counter()
             drawer, _ = load_drawer(components, run_dir, device=device, dtype=dtype, encoder_dtype=dtype,
-                                    merge_lora=fast, cuda_graphs=fast)
+                                    merge_lora=fast, cuda_graphs=fast, compile=mode == "fast_compile")
             for batch in (1, 8):
                 prompts = ["A sad puppy with large eyes"] * batch
                 repeats = 3 if name == "teacher" else 10
@@ -213,13 +222,16 @@ def measure_sampling(args, runs: dict, device: torch.device) -> dict:
                 for i in range(2 + repeats):
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-                    started = time.perf_counter()
+                    if i == 1:  # loading, and the first draw's compilation and graph capture
+                        first = time.perf_counter() - started
+                    step_started = time.perf_counter()
                     drawer.draw(prompts, steps=steps, guidance_scale=guidance, seed=i, batch_size=batch)
                     if i >= 2:
-                        times.append(time.perf_counter() - started)
+                        times.append(time.perf_counter() - step_started)
                 key = f"{name}_{mode}_b{batch}"
                 out[key] = {"steps": steps, "guidance": guidance, "median_ms": round(statistics.median(times) * 1000, 1),
-                            "min_ms": round(min(times) * 1000, 1)}
+                            "min_ms": round(min(times) * 1000, 1), "seconds_to_first_draw": round(first, 1)}
+                started = time.perf_counter()
                 print(key, out[key], flush=True)
             del drawer, components
             if device.type == "cuda":
@@ -262,11 +274,57 @@ def calibrate_vae_layout(args, device: torch.device) -> dict:
     return out
 
 
+def calibrate_attention(args, device: torch.device) -> dict:
+    """A side calibration (not an entry point) to choose the attention kernel: the SD1.5 UNet (bf16, eager) with
+    each of torch's SDPA backends forced, as the teacher calls it (batch 16, no grad) and as the student trains
+    (batch 8, forward + backward), median of 5 after 2 warm-ups, CUDA events. Head dims are 40 / 80 / 160."""
+    if device.type != "cuda":
+        return {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from cm_lightning.models.components import load_components
+
+    unet = load_components(str(args.work / "model")).unet.to(device, torch.bfloat16).eval().requires_grad_(False)
+    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    out = {}
+    for name, backend in backends.items():
+        for label, batch, grad in (("forward_b16_ms", 16, False), ("forward_backward_b8_ms", 8, True)):
+            x = torch.randn(batch, 4, 64, 64, device=device, dtype=torch.bfloat16, requires_grad=grad)
+            t = torch.full((batch,), 500, device=device)
+            context = torch.randn(batch, 77, 768, device=device, dtype=torch.bfloat16)
+
+            def call():
+                with torch.set_grad_enabled(grad):
+                    y = unet(x, t, context).sample
+                    if grad:
+                        y.float().square().mean().backward()
+
+            try:
+                with sdpa_kernel([backend]) if backend is not None else nullcontext():
+                    times = []
+                    for i in range(7):
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        call()
+                        end.record()
+                        torch.cuda.synchronize()
+                        if i >= 2:
+                            times.append(start.elapsed_time(end))
+                out[f"{name}_{label}"] = round(statistics.median(times), 1)
+            except RuntimeError as error:  # a backend that does not take these shapes
+                out[f"{name}_{label}"] = f"failed: {str(error).splitlines()[0][:160]}"
+    print("attention", out, flush=True)
+    del unet
+    torch.cuda.empty_cache()
+    return out
+
+
 def measure_job(args, overrides: list[str], env: dict) -> dict:
     folder = args.work / "runs" / "job"
     cmd = [sys.executable, "-m", "cm_lightning.train", "method=mcd", "boundaries=4", *overrides,
            f"paths.output_dir={folder}", f"hydra.run.dir={folder}"]
-    code, wall, tail = run(cmd, args.work / "job.log", env)
+    code, wall, tail = run(cmd, args.work / "job.log", env, timeout=max(60.0, args.budget_s - elapsed()))
     return {"command": " ".join(cmd[1:]), "returncode": code, "wall_seconds": round(wall, 1),
             "lora_written": (folder / "lora" / "pytorch_lora_weights.safetensors").is_file(), "log_tail": tail[-600:]}
 
@@ -290,7 +348,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=560, help="stop starting new sections after this")
     parser.add_argument("--sample-cases", default="mcd,cd,teacher", help="what the sample section draws")
     parser.add_argument("--sample-modes", default="plain,fast",
-                        help="plain (eager, LoRA unmerged), fast (the defaults), fast_noautotune (cuDNN autotuner off)")
+                        help="plain (eager, LoRA unmerged), fast (the defaults), fast_noautotune (cuDNN autotuner off), "
+                             "fast_compile (UNet blocks and VAE decoder compiled under the graphs)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -310,6 +369,9 @@ def main() -> None:
         print("prepare", results["prepare"].get("images_per_s"), "images/s", flush=True)
     if "vae_layout" in sections:
         results["vae_layout"] = calibrate_vae_layout(args, device)
+        save(results, args.out)
+    if "attention" in sections:
+        results["attention"] = calibrate_attention(args, device)
         save(results, args.out)
     results["train"] = {}
 
@@ -341,8 +403,6 @@ def main() -> None:
                 if isinstance(results["train"].get(name), dict) and "lora" in results["train"][name]}
         results["sample"] = measure_sampling(args, runs, device)
         save(results, args.out)
-    if "train" in sections:
-        train_variants(args.late_variants)
     cd = results["train"].get("cd")
     job_estimate = (cd["step_ms"] / 1000 * 1000 + 60) if isinstance(cd, dict) and "step_ms" in cd else None
     if "job" in sections and (job_estimate is None or elapsed() + job_estimate < args.budget_s):
@@ -350,6 +410,8 @@ def main() -> None:
         results["job"] = measure_job(args, overrides + steps, env)
     elif "job" in sections:
         results["job"] = f"skipped: estimated {job_estimate} s, {elapsed():.0f} s of the {args.budget_s} s budget used"
+    if "train" in sections:  # extras, while the budget lasts
+        train_variants(args.late_variants)
     results["total_seconds"] = round(elapsed(), 1)
     save(results, args.out)
     print(json.dumps({k: v for k, v in results.items() if k != "train"}, indent=1, default=str)[:4000])

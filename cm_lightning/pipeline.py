@@ -19,6 +19,8 @@ from .errors import UserError
 from .methods.cuda_graphs import CudaGraphNetwork
 from .methods.sampler_table import get_sampler
 from .methods.sampling import SamplerKind, generate_latents, renoise_generator, unet_network
+from .models.attention import prefer_sdpa
+from .models.compilation import compile_unet_blocks, compile_vae_decoder
 from .models.components import SDComponents
 from .models.encoders import FrozenEncoders
 from .models.lora import ADAPTER, add_lora, load_lora_state_dict, merge_adapter
@@ -105,12 +107,17 @@ class Drawer:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     cuda_graphs: bool = True  # on a GPU, replay each UNet call from a captured CUDA graph (launch-bound at batch 1)
+    compile: bool = False  # torch.compile the UNet's blocks and the VAE decoder (under the graphs): compile time first
+    sdpa_backend: str = "cudnn"  # the attention kernel the UNet tries first (models/attention.py: fastest without grad)
     latent_size: tuple[int, int] | None = None  # (h, w) of the latents to draw; None: the UNet's sample_size square
 
     def __post_init__(self) -> None:
-        network = unet_network(self.unet)
+        network = prefer_sdpa(unet_network(self.unet), self.sdpa_backend)
         self.network = network
         self._null_context: torch.Tensor | None = None  # the empty prompt's embedding, encoded once
+        if self.compile:
+            compile_unet_blocks(self.unet)
+            compile_vae_decoder(self.encoders.vae)
         if self.cuda_graphs and self.device.type == "cuda":
             # at batch 1 every call is launch-bound: the text encoder and the VAE decoder too, not only the UNet
             self.network = CudaGraphNetwork(network)
@@ -128,7 +135,7 @@ class Drawer:
     @classmethod
     def from_components(
         cls, components: SDComponents, sampler: SamplerKind, *, device="cpu", dtype=torch.float32,
-        encoder_dtype=torch.float32, options: dict | None = None, cuda_graphs: bool = True,
+        encoder_dtype=torch.float32, options: dict | None = None, cuda_graphs: bool = True, compile: bool = False,
     ) -> "Drawer":
         config = components.scheduler_config
         unet = components.unet.to(device=device, dtype=dtype).eval()
@@ -138,7 +145,7 @@ class Drawer:
         return cls(
             unet, encoders, NoiseSchedule.from_scheduler_config(config), sampler,
             options={**model_options, **(options or {})}, device=torch.device(device), dtype=dtype,
-            cuda_graphs=cuda_graphs,
+            cuda_graphs=cuda_graphs, compile=compile,
         )
 
     def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
@@ -200,16 +207,17 @@ class Drawer:
 
 def load_drawer(
     components: SDComponents, run: str | Path | None, *, device="cpu", dtype=torch.float32,
-    encoder_dtype=torch.float32, merge_lora: bool = True, cuda_graphs: bool = True,
+    encoder_dtype=torch.float32, merge_lora: bool = True, cuda_graphs: bool = True, compile: bool = False,
 ) -> tuple[Drawer, RunInfo | None]:
     """The teacher (``run`` None: DDIM with adapters absent) or a trained student (its run folder or checkpoint).
 
     ``merge_lora`` folds the LoRA into the UNet's weights once (in the drawing dtype), so a student call costs
-    what a base UNet call costs; ``cuda_graphs`` replays the UNet calls from CUDA graphs on a GPU.
+    what a base UNet call costs; ``cuda_graphs`` replays the UNet calls from CUDA graphs on a GPU; ``compile``
+    compiles the UNet's blocks and the VAE decoder first (see ``models/compilation.py``).
     """
     if run is None:
         drawer = Drawer.from_components(components, "ddim", device=device, dtype=dtype, encoder_dtype=encoder_dtype,
-                                        cuda_graphs=cuda_graphs)
+                                        cuda_graphs=cuda_graphs, compile=compile)
         return drawer, None
     info = apply_trained_lora(components.unet, run)
     if merge_lora:
@@ -217,6 +225,6 @@ def load_drawer(
         merge_adapter(components.unet)
     drawer = Drawer.from_components(
         components, info.sampler, device=device, dtype=dtype, encoder_dtype=encoder_dtype, options=info.options,
-        cuda_graphs=cuda_graphs,
+        cuda_graphs=cuda_graphs, compile=compile,
     )
     return drawer, info

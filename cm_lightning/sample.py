@@ -65,7 +65,7 @@ def sample(cfg: DictConfig) -> Path:
     components = load_base_model(cfg)
     drawer, info = load_drawer(
         components, local_lora(cfg.run) if cfg.run else None, device=device, dtype=dtype,
-        encoder_dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
+        encoder_dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"), compile=cfg.compile,
     )
     steps = cfg.steps or (info.sample_steps if info else TEACHER_STEPS)
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else (1.0 if info else TEACHER_GUIDANCE)

@@ -3,8 +3,9 @@
 #   GPU 0: speed.sh: cache build, training rows (CD, MCD, CT, checkpointed CD), the reference loop, sampling latency
 #   GPU 1: speed.sh: the seed's whole 1,000-step job, command to exported LoRA (after building its own cache)
 #   GPU 2: quality.sh: the shapes-world runs with validation, their table and the validation metric's ranking
-# On 2 GPUs (x2) quality.sh runs on GPU 1 and the job is left out.
-# Run from the repo root with .whl carried:  bash benchmarks/gpu/all.sh   (env: SPEED_ARGS, QUALITY_MAX_TIME)
+# On 2 GPUs (x2) GPU 1 runs SECOND: quality (default), job, or speed (speed.sh with SECOND_ARGS, its own work folder).
+# Run from the repo root with .whl carried:  bash benchmarks/gpu/all.sh   (env: SPEED_ARGS, SECOND, SECOND_ARGS, JOB_ARGS,
+# QUALITY_MAX_TIME)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 [ ! -d .whl/wandb ] || python3 -c 'import wandb' 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl/wandb wandb || exit 1
@@ -12,13 +13,17 @@ export SKIP_INSTALL=1
 ROOT=${OUT:-/tmp/out}; mkdir -p "$ROOT"
 SPEED_ARGS=${SPEED_ARGS:---sections prepare,train,reference,sample --images 2048 --workers 14 --steps 30 --skip 10 --variants cd,mcd,ct,cd_ckpt --late-variants cd_dense_backward --reference no_ckpt --sample-cases mcd,cd,teacher --sample-modes fast}
 CUDA_VISIBLE_DEVICES=0 OUT=$ROOT/speed WORK=/tmp/speed0 BUDGET_S=${BUDGET_S:-440} bash benchmarks/gpu/speed.sh $SPEED_ARGS > "$ROOT/gpu0_speed.txt" 2>&1 &
-if [ "$(nvidia-smi -L | wc -l)" -ge 3 ]; then JOB_GPU=1 QUALITY_GPU=2; else JOB_GPU= QUALITY_GPU=1; echo "2 GPUs: no job run" > "$ROOT/job_skipped.txt"; fi
-[ -z "$JOB_GPU" ] || CUDA_VISIBLE_DEVICES=$JOB_GPU OUT=$ROOT/job WORK=/tmp/speed1 SKIP_GPU_TESTS=1 BUDGET_S=560 bash benchmarks/gpu/speed.sh --sections prepare,job --images 2048 --workers 10 > "$ROOT/gpu_job.txt" 2>&1 &
-CUDA_VISIBLE_DEVICES=$QUALITY_GPU OUT=$ROOT/quality MAX_TIME=${QUALITY_MAX_TIME:-00:00:03:45} CT_SWEEP= bash benchmarks/gpu/quality.sh > "$ROOT/gpu_quality.txt" 2>&1 &
+SECOND=${SECOND:-quality}
+if [ "$(nvidia-smi -L | wc -l)" -ge 3 ]; then JOB_GPU=1 QUALITY_GPU=2
+else case $SECOND in job) JOB_GPU=1 QUALITY_GPU=;; quality) JOB_GPU= QUALITY_GPU=1;; *) JOB_GPU= QUALITY_GPU=;; esac; fi
+[ -z "$JOB_GPU" ] || CUDA_VISIBLE_DEVICES=$JOB_GPU OUT=$ROOT/job WORK=/tmp/speed1 SKIP_GPU_TESTS=1 BUDGET_S=560 bash benchmarks/gpu/speed.sh ${JOB_ARGS:---sections prepare,job --images 2048 --workers 10} > "$ROOT/gpu_job.txt" 2>&1 &
+[ -z "$QUALITY_GPU" ] || CUDA_VISIBLE_DEVICES=$QUALITY_GPU OUT=$ROOT/quality MAX_TIME=${QUALITY_MAX_TIME:-00:00:03:45} CT_SWEEP= bash benchmarks/gpu/quality.sh > "$ROOT/gpu_quality.txt" 2>&1 &
+[ "$SECOND" != speed ] || CUDA_VISIBLE_DEVICES=1 OUT=$ROOT/speed1 WORK=/tmp/speed1 SKIP_GPU_TESTS=1 BUDGET_S=${BUDGET_S:-440} bash benchmarks/gpu/speed.sh ${SECOND_ARGS:-} > "$ROOT/gpu1_speed.txt" 2>&1 &
 wait
 # the device tool brings back at most 8 files (16 MiB each): one tarball per workload beside the three logs
-for part in speed job quality; do
+for part in speed speed1 job quality; do
   [ -d "$ROOT/$part" ] && tar -C "$ROOT" -cf "$ROOT/$part.tar" "$part" && rm -rf "${ROOT:?}/$part"
 done
 ls -la "$ROOT"
-tail -25 "$ROOT/gpu0_speed.txt"; tail -8 "$ROOT/gpu_job.txt" 2>/dev/null; tail -20 "$ROOT/gpu_quality.txt"
+tail -25 "$ROOT/gpu0_speed.txt"; tail -25 "$ROOT/gpu1_speed.txt" 2>/dev/null; tail -8 "$ROOT/gpu_job.txt" 2>/dev/null
+tail -20 "$ROOT/gpu_quality.txt" 2>/dev/null

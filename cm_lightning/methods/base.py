@@ -19,6 +19,8 @@ from ..diffusion.losses import make_loss
 from ..diffusion.parameterization import Prediction
 from ..diffusion.samplers import Conditioning
 from ..diffusion.schedule import NoiseSchedule
+from ..models.attention import check_sdpa_choice, prefer_sdpa
+from ..models.compilation import compile_unet_blocks
 from ..models.lora import LORA_FORWARDS, adapters_disabled, add_lora, cast_for_training, use_merged_lora_forward
 from .ema import EmaWeights
 from .latent_module import LatentTrainingModule
@@ -29,6 +31,9 @@ OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 
 _HALF_DTYPES = {"16": torch.float16, "bf16": torch.bfloat16}
 ROLES = ("student", "teacher", "target")  # the three ways a training step calls the UNet
+# the attention kernel each role prefers (models/attention.py): cuDNN's for the calls without gradients, flash's for
+# the student's forward + backward, as measured on an H200 (benchmarks/speed.md, session 6)
+SDPA_BACKENDS = {"student": "flash", "teacher": "cudnn", "target": "cudnn"}
 # gradient_checkpointing='auto' switches it off on GPUs this large: SD1.5 at batch 8 trains in about 16 GiB without
 # it (benchmarks/speed.md), and recomputing every block costs about a third of the step.
 AUTO_CHECKPOINTING_GIB = 40
@@ -42,22 +47,6 @@ def outside_autocast(net: Callable) -> Callable:
             return net(x, t, context)
 
     return call
-
-
-def compile_unet_blocks(unet: torch.nn.Module) -> int:
-    """``torch.compile`` every transformer and ResNet block in place; returns how many (regional compilation)."""
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.resnet import ResnetBlock2D
-
-    blocks = [m for m in unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
-    # the blocks of one class share one compiled function per shape and role (teacher, target, student): SD1.5
-    # needs more than dynamo's default of 8 variants per function before it gives up and runs the rest eagerly
-    config = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
-    setattr(config, limit, max(getattr(config, limit), 64))
-    for block in blocks:
-        block.compile()
-    return len(blocks)
 
 
 class ConsistencyModule(LatentTrainingModule):
@@ -89,6 +78,9 @@ class ConsistencyModule(LatentTrainingModule):
             at SD1.5 size and batch 8 the CD step took 305 ms with every role under autocast and 244 ms with none
             (benchmarks/speed.md). Empty: every role under autocast.
         channels_last: the UNet's convolutions in channels-last memory format (cuDNN's tensor-core layout).
+        sdpa_backends: the attention kernel each role tries first ('default' (torch's order), 'cudnn', 'flash',
+            'efficient', 'math'; roles left out keep ``SDPA_BACKENDS``'s): a kernel that does not take a shape falls
+            back to torch's next one.
         sample_steps: default number of steps for this method's sampler.
     """
 
@@ -113,6 +105,7 @@ class ConsistencyModule(LatentTrainingModule):
         cuda_graphs: bool = True,
         half_precision_roles: Sequence[str] = ROLES,
         channels_last: bool = False,
+        sdpa_backends: dict | None = None,
         sample_steps: int = 4,
     ):
         super().__init__()
@@ -139,6 +132,11 @@ class ConsistencyModule(LatentTrainingModule):
             raise ValueError(f"method.half_precision_roles: {sorted(unknown)} not among {', '.join(ROLES)}")
         self.half_precision_roles = frozenset(half_precision_roles)
         self.channels_last = channels_last
+        self.sdpa_backends = {**SDPA_BACKENDS, **(sdpa_backends or {})}
+        for role, choice in self.sdpa_backends.items():
+            if role not in ROLES:
+                raise ValueError(f"method.sdpa_backends: {role!r} is not among {', '.join(ROLES)}")
+            check_sdpa_choice(choice, f"method.sdpa_backends.{role}")
         self.networks: dict[str, Callable] = {}  # per role (student, teacher, target): graph-replayed UNet calls
         if gradient_checkpointing not in (True, False, "auto"):
             raise ValueError(f"method.gradient_checkpointing={gradient_checkpointing!r} is not true, false or 'auto'")
@@ -180,7 +178,7 @@ class ConsistencyModule(LatentTrainingModule):
         when :meth:`on_fit_start` set one up, else the plain call (outside autocast for a half-precision role)."""
         if role in self.networks:
             return self.networks[role]
-        net = unet_network(self.unet)
+        net = prefer_sdpa(unet_network(self.unet), self.sdpa_backends[role])
         if role in self.half_precision_roles:
             return outside_autocast(net)
         return net
@@ -261,9 +259,11 @@ class ConsistencyModule(LatentTrainingModule):
         def autocast_dtype(role: str) -> torch.dtype | None:  # None: captured outside autocast
             return None if role in self.half_precision_roles else half
 
-        return {"teacher": CudaGraphNetwork(unet_network(self.unet), autocast_dtype("teacher")),
-                "target": CudaGraphNetwork(unet_network(self.unet), autocast_dtype("target")),
-                "student": GraphedStudent(self.unet, autocast_dtype("student"))}
+        def replayed(role: str) -> CudaGraphNetwork:
+            return CudaGraphNetwork(prefer_sdpa(unet_network(self.unet), self.sdpa_backends[role]), autocast_dtype(role))
+
+        return {"teacher": replayed("teacher"), "target": replayed("target"),
+                "student": GraphedStudent(self.unet, autocast_dtype("student"), self.sdpa_backends["student"])}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = batch["latents"].float()

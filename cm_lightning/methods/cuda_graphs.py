@@ -22,6 +22,8 @@ import logging
 
 import torch
 
+from ..models.attention import sdpa_preference
+
 log = logging.getLogger(__name__)
 
 
@@ -103,12 +105,14 @@ class GraphedStudent:
     """The student's ``net(x_t, t, context)`` with its forward and backward replayed from CUDA graphs.
 
     Captured at the first call (that shape only); calls of another shape or without gradients run the plain
-    network. ``autocast_dtype`` is the training precision's half dtype (or None for fp32).
+    network. ``autocast_dtype`` is the training precision's half dtype (or None for fp32); ``sdpa`` the attention
+    kernel to prefer (``models/attention.py``).
     """
 
-    def __init__(self, unet: torch.nn.Module, autocast_dtype: torch.dtype | None):
+    def __init__(self, unet: torch.nn.Module, autocast_dtype: torch.dtype | None, sdpa: str = "default"):
         self.call = _UNetCall(unet)
         self.autocast_dtype = autocast_dtype
+        self.sdpa = sdpa  # the attention kernel preference (models/attention.py), captured with the graphs
         self.graphed = None
         self.key: tuple | None = None
 
@@ -120,7 +124,7 @@ class GraphedStudent:
         if usable and self.graphed is None:
             self.key = key
             try:
-                with _autocast(self.autocast_dtype):
+                with _autocast(self.autocast_dtype), sdpa_preference(self.sdpa):
                     self.graphed = torch.cuda.make_graphed_callables(
                         _UNetCall(self.call.unet), (x.detach().clone(), t.clone(), context.detach().clone()),
                         num_warmup_iters=3, allow_unused_input=True,
@@ -131,5 +135,6 @@ class GraphedStudent:
                 self.graphed = False
         if usable and self.graphed and key == self.key:
             return self.graphed(x, t, context)
-        with _autocast(self.autocast_dtype):  # eager, in the same precision as the graph would have run
+        # eager, in the same precision and with the same attention kernels as the graph would have run
+        with _autocast(self.autocast_dtype), sdpa_preference(self.sdpa):
             return self.call(x, t, context)

@@ -70,12 +70,23 @@ class StepProfiler(L.Callback):
         host_profile: profile the host (cProfile) inside the optimizer phase of the timed steps, where the GPU
             waits on Python (clipping, the optimizer's step, Lightning's and the callbacks' hooks), and write the
             functions by cumulative time to ``<out>.host.txt``.
+        kernel_trace: trace this many steps after the warm-up with ``torch.profiler`` and write the device time
+            by kernel family (matmul, convolution, attention, normalisation, elementwise...) and the top kernels
+            to ``<out>.kernels.txt`` (``kernel_ms_per_step`` in the summary). The timed steps start after the traced
+            ones (the tracer slows the host).
+
+    The summary also holds ``milestones``: the wall clock (unix seconds) at Lightning's setup, fit start, train
+    start and the end of the first step, so the time to the first step splits into its parts.
     """
 
     def __init__(self, out: str, skip: int = 10, phases: bool = True, host_profile: bool = False,
-                 sync_every_step: bool = False):
+                 sync_every_step: bool = False, kernel_trace: int = 0):
         self.out, self.skip, self.phases, self.sync_every_step = Path(out), skip, phases, sync_every_step
         self.host = cProfile.Profile() if host_profile else None
+        self.kernel_trace = kernel_trace
+        self._tracer = None
+        self.kernels: dict | None = None
+        self.milestones: dict[str, float] = {}
         self._window: list[float] = []  # synchronised clock before the first timed step and after the last
         self.steps: list[dict] = []
         self._marks: _Marks | None = None
@@ -99,6 +110,10 @@ class StepProfiler(L.Callback):
     # ------------------------------------------------------------------ Lightning's hooks
     def setup(self, trainer, module, stage: str) -> None:
         module.step_profiler = self
+        self.milestones["setup"] = time.time()
+
+    def on_fit_start(self, trainer, module) -> None:
+        self.milestones["fit_start"] = time.time()  # the module's setup done: weights cast, compiled, moved
 
     def on_train_start(self, trainer, module) -> None:
         self._cuda = module.device.type == "cuda"
@@ -107,6 +122,7 @@ class StepProfiler(L.Callback):
             torch.cuda.reset_peak_memory_stats()
         self._train_start = time.perf_counter()
         self._last_end = self._train_start
+        self.milestones["train_start"] = time.time()  # the module's on_fit_start done: CUDA graphs captured
 
     def _sync(self) -> None:
         if self._cuda:
@@ -114,9 +130,11 @@ class StepProfiler(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._data_seconds = time.perf_counter() - self._last_end  # the loader's next() and the host-to-device copy
-        if len(self.steps) == self.skip and not self._window:
+        if len(self.steps) == self.skip + self.kernel_trace and not self._window:
             self._sync()
             self._window.append(time.perf_counter())
+        if self.kernel_trace and len(self.steps) == self.skip and self._tracer is None:
+            self._tracer = _KernelTracer(self._cuda)
         self._marks = _Marks(self._cuda) if self.phases else None
         if self._marks is not None:
             self._marks.start("step")
@@ -141,12 +159,17 @@ class StepProfiler(L.Callback):
         if self._marks is not None:
             self._marks.end("optimizer")
             self._marks.end("step")
+        # before the clock is read: writing the trace is charged to the traced step, not the next one
+        if self._tracer is not None and self.kernels is None:
+            if self._tracer.count_step() == self.kernel_trace:
+                self.kernels = self._tracer.finish(self.out.with_suffix(".kernels.txt"))
         last = 0 < trainer.max_steps <= trainer.global_step
         if self.sync_every_step or self._first_step_at is None or (last and len(self._window) == 1):
             self._sync()
         now = time.perf_counter()
         if self._first_step_at is None:
             self._first_step_at, self._first_step_unix = now, time.time()
+            self.milestones["first_step_end"] = self._first_step_unix
         if last and len(self._window) == 1:
             self._window.append(now)
         record = {"step": trainer.global_step, "wall": now - self._last_end, "data": self._data_seconds}
@@ -162,6 +185,8 @@ class StepProfiler(L.Callback):
         self._sync()
         if len(self._window) == 1:  # stopped before max_steps (max_time, an error): the window ends here
             self._window.append(time.perf_counter())
+        if self._tracer is not None and self.kernels is None:  # stopped before the traced steps were done
+            self.kernels = self._tracer.finish(self.out.with_suffix(".kernels.txt"))
         for record in self.steps:
             if "marks" in record:
                 record["gpu"] = record.pop("marks").seconds()
@@ -181,7 +206,7 @@ class StepProfiler(L.Callback):
 
     # ------------------------------------------------------------------ the summary
     def summary(self, module) -> dict:
-        timed = self.steps[self.skip:] or self.steps
+        timed = self.steps[self.skip + self.kernel_trace:] or self.steps
         median = lambda values: statistics.median(values) if values else None  # noqa: E731
         phases: dict[str, float] = {}
         peaks: dict[str, float] = {}
@@ -204,5 +229,74 @@ class StepProfiler(L.Callback):
             "seconds_to_first_step_end": (self._first_step_at or 0) - self._fit_start,
             "first_step_end_unix": getattr(self, "_first_step_unix", None),
             "train_seconds": (self._last_end or 0) - self._train_start,
+            "milestones": self.milestones,
+            "kernel_ms_per_step": self.kernels,
             "steps": self.steps,
         }
+
+
+# ------------------------------------------------------------------------------------------------ kernel families
+_FAMILIES = (  # first match wins: kernel names from cuBLAS / cuDNN / CUTLASS / flash-attention / Triton / ATen
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("convolution", ("conv", "implicit_gemm", "wgrad", "dgrad", "nchw", "nhwc", "winograd", "fprop")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "splitk", "aten::mm", "addmm", "bmm")),
+    ("normalisation", ("norm",)),
+    ("optimizer", ("adam", "foreach", "multi_tensor", "l2norm")),
+    ("copy / cast", ("copy", "cast", "memcpy", "memset", "cat", "fill")),
+    ("reduction", ("reduce",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "triton", "silu", "gelu", "pointwise", "aten::mul",
+                     "aten::add", "aten::div", "aten::sub")),
+)
+
+
+def kernel_family(name: str) -> str:
+    """The family a device kernel's name belongs to (``other`` when none matches)."""
+    lowered = name.lower()
+    return next((family for family, keys in _FAMILIES if any(k in lowered for k in keys)), "other")
+
+
+class _KernelTracer:
+    """``torch.profiler`` over a few steps: device time by kernel family (CPU-side op time where there is no GPU)."""
+
+    def __init__(self, cuda: bool):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.cuda, self.steps = cuda, 0
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        self.profile = profile(activities=activities)
+        self.profile.__enter__()
+
+    def count_step(self) -> int:
+        self.steps += 1
+        return self.steps
+
+    def finish(self, path: Path) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.profile.__exit__(None, None, None)
+        steps = max(1, self.steps)
+        rows = []  # (name, ms per step, calls per step)
+        for event in self.profile.key_averages():
+            if self.cuda:
+                if str(event.device_type).rsplit(".", 1)[-1] != "CUDA":
+                    continue
+                micros = event.self_device_time_total
+            else:  # CPU: the ops' own host time stands in (no kernels to read)
+                if not event.key.startswith("aten::"):
+                    continue
+                micros = event.self_cpu_time_total
+            rows.append((event.key, micros / 1000 / steps, event.count / steps))
+        families: dict[str, float] = {}
+        for name, ms, _ in rows:
+            families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + ms
+        total = sum(families.values())
+        lines = [f"{'device' if self.cuda else 'host (no GPU)'} time per step over {self.steps} traced steps: "
+                 f"{total:.1f} ms", "", "family           ms/step   share"]
+        for family, ms in sorted(families.items(), key=lambda item: -item[1]):
+            lines.append(f"{family:<16} {ms:8.2f}  {ms / total if total else 0:6.1%}")
+        lines += ["", "top kernels                                                      ms/step  calls/step  family"]
+        for name, ms, calls in sorted(rows, key=lambda row: -row[1])[:40]:
+            lines.append(f"{name[:64]:<64} {ms:8.2f} {calls:10.1f}  {kernel_family(name)}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+        return {"total": round(total, 2), **{k: round(v, 2) for k, v in sorted(families.items())}}

@@ -1,0 +1,56 @@
+"""Which of torch's scaled-dot-product-attention kernels the UNet's attention layers run on.
+
+diffusers' attention calls ``F.scaled_dot_product_attention``; torch picks its kernel by a fixed priority, which is
+not the fastest at SD1.5's head sizes (40 / 80 / 160) on a Hopper card. Measured on an H200 (benchmarks/speed.md,
+session 6, the SD1.5 UNet in bf16): a no-grad forward at batch 16 took 56.0 ms with torch's choice, 49.6 with
+cuDNN's kernel first and 74.0 with flash-attention's; a forward + backward at batch 8 took 115.9, 92.0 and 86.1 ms.
+So the calls without gradients (teacher, target, drawing) prefer cuDNN and the student's prefers flash. A
+preference only reorders torch's list: a kernel that does not take a shape falls back to the next one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import nullcontext
+from typing import Callable, ContextManager
+
+import torch
+
+SDPA_CHOICES = ("default", "cudnn", "flash", "efficient", "math")
+
+
+def _backends():
+    from torch.nn.attention import SDPBackend
+
+    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def check_sdpa_choice(choice: str, field: str) -> None:
+    if choice not in SDPA_CHOICES:
+        raise ValueError(f"{field}={choice!r} is not one of {', '.join(SDPA_CHOICES)}")
+
+
+def sdpa_preference(choice: str) -> ContextManager:
+    """A context in which attention tries ``choice``'s kernel first, then torch's others ('default': torch's order)."""
+    check_sdpa_choice(choice, "attention kernel")
+    from torch.nn.attention import sdpa_kernel
+
+    if choice == "default" or "set_priority" not in inspect.signature(sdpa_kernel).parameters:  # torch < 2.6
+        return nullcontext()
+    backends = _backends()
+    order = [backends[choice], *(b for name, b in backends.items() if name != choice)]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def prefer_sdpa(net: Callable[..., torch.Tensor], choice: str) -> Callable[..., torch.Tensor]:
+    """``net`` called inside :func:`sdpa_preference` (``net`` itself for 'default')."""
+    check_sdpa_choice(choice, "attention kernel")
+    if choice == "default":
+        return net
+
+    def call(*args, **kwargs):
+        with sdpa_preference(choice):
+            return net(*args, **kwargs)
+
+    return call
