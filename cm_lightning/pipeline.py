@@ -108,7 +108,7 @@ class Drawer:
     dtype: torch.dtype = torch.float32
     cuda_graphs: bool = True  # on a GPU, replay each UNet call from a captured CUDA graph (launch-bound at batch 1)
     compile: bool = False  # torch.compile the UNet's blocks and the VAE decoder (under the graphs): compile time first
-    sdpa_backend: str = "cudnn"  # the attention kernel the UNet tries first (models/attention.py: fastest without grad)
+    sdpa_backend: str = "default"  # the attention kernel the UNet tries first (models/attention.py)
     latent_size: tuple[int, int] | None = None  # (h, w) of the latents to draw; None: the UNet's sample_size square
 
     def __post_init__(self) -> None:

@@ -31,9 +31,10 @@ OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 
 _HALF_DTYPES = {"16": torch.float16, "bf16": torch.bfloat16}
 ROLES = ("student", "teacher", "target")  # the three ways a training step calls the UNet
-# the attention kernel each role prefers (models/attention.py): cuDNN's for the calls without gradients, flash's for
-# the student's forward + backward, as measured on an H200 (benchmarks/speed.md, session 6)
-SDPA_BACKENDS = {"student": "flash", "teacher": "cudnn", "target": "cudnn"}
+# the attention kernel each role prefers (models/attention.py): torch's own order, the fastest training step
+# measured on an H200 (benchmarks/speed.md, session 6: cuDNN first for teacher and target and flash for the student
+# made the CD step 11 ms slower, though an eager calibration of the UNet alone had favoured them)
+SDPA_BACKENDS = {"student": "default", "teacher": "default", "target": "default"}
 # gradient_checkpointing='auto' switches it off on GPUs this large: SD1.5 at batch 8 trains in about 16 GiB without
 # it (benchmarks/speed.md), and recomputing every block costs about a third of the step.
 AUTO_CHECKPOINTING_GIB = 40

@@ -255,6 +255,15 @@ def kernel_family(name: str) -> str:
     return next((family for family, keys in _FAMILIES if any(k in lowered for k in keys)), "other")
 
 
+def _short_kernel_name(name: str, width: int = 160) -> str:
+    """A kernel's name cut to ``width``; ATen's elementwise templates keep the functor that says what they compute."""
+    if "elementwise_kernel" in name and "<" in name:
+        inner = [part for part in name.replace("<", " ").replace(">", " ").replace(",", " ").split()
+                 if "::" in part and "gpu_kernel" not in part and "elementwise_kernel" not in part]
+        name = name.split("<", 1)[0] + " <" + " ".join(inner[:4]) + ">"
+    return name[:width]
+
+
 class _KernelTracer:
     """``torch.profiler`` over a few steps: device time by kernel family (CPU-side op time where there is no GPU)."""
 
@@ -263,7 +272,9 @@ class _KernelTracer:
 
         self.cuda, self.steps = cuda, 0
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        self.profile = profile(activities=activities)
+        # stacks: which lines launched the time (key_averages reads them only under the verbose config)
+        verbose = torch._C._profiler._ExperimentalConfig(verbose=True)
+        self.profile = profile(activities=activities, with_stack=True, experimental_config=verbose)
         self.profile.__enter__()
 
     def count_step(self) -> int:
@@ -277,6 +288,8 @@ class _KernelTracer:
         steps = max(1, self.steps)
         rows = []  # (name, ms per step, calls per step)
         for event in self.profile.key_averages():
+            if getattr(event, "is_user_annotation", False):  # ranges such as the optimizer step's, not kernels
+                continue
             if self.cuda:
                 if str(event.device_type).rsplit(".", 1)[-1] != "CUDA":
                     continue
@@ -294,9 +307,33 @@ class _KernelTracer:
                  f"{total:.1f} ms", "", "family           ms/step   share"]
         for family, ms in sorted(families.items(), key=lambda item: -item[1]):
             lines.append(f"{family:<16} {ms:8.2f}  {ms / total if total else 0:6.1%}")
-        lines += ["", "top kernels                                                      ms/step  calls/step  family"]
-        for name, ms, calls in sorted(rows, key=lambda row: -row[1])[:40]:
-            lines.append(f"{name[:64]:<64} {ms:8.2f} {calls:10.1f}  {kernel_family(name)}")
+        lines += ["", "  ms/step  calls/step  family          kernel (ATen's templated names shortened to their functor)"]
+        for name, ms, calls in sorted(rows, key=lambda row: -row[1])[:60]:
+            lines.append(f"{ms:9.2f} {calls:10.1f}  {kernel_family(name):<15} {_short_kernel_name(name)}")
+        try:
+            lines += self._ops_table(steps)
+        except Exception as error:  # a diagnostic: never lose the run's other results to it
+            lines.append(f"(the ops table failed: {error})")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
         return {"total": round(total, 2), **{k: round(v, 2) for k, v in sorted(families.items())}}
+
+    def _ops_table(self, steps: int) -> list[str]:
+        """ATen ops by the device time of the kernels they launched (host time on the CPU), with their callers."""
+        def own_time(event) -> float:
+            return event.self_device_time_total if self.cuda else event.self_cpu_time_total
+
+        lines = ["", f"ops by the {'device time of the kernels they launch' if self.cuda else 'host time'}, with the "
+                 "Python lines that called them", "  ms/step  calls/step  op <- callers"]
+        grouped: dict[tuple, list[float]] = {}  # (op, callers) -> [time, calls], over every module instance
+        for event in self.profile.key_averages(group_by_stack_n=12):
+            if str(event.device_type).rsplit(".", 1)[-1] != "CPU" or not event.key.startswith("aten::"):
+                continue
+            frames = tuple(f for f in event.stack if "torch/" not in f and not f.startswith(("<built-in", "nn.Module")))
+            entry = grouped.setdefault((event.key, frames[:3]), [0.0, 0.0])
+            entry[0] += own_time(event)
+            entry[1] += event.count
+        for (op, frames), (micros, calls) in sorted(grouped.items(), key=lambda item: -item[1][0])[:40]:
+            if micros > 0:
+                lines.append(f"{micros / 1000 / steps:9.2f} {calls / steps:10.1f}  {op}  <- {' <- '.join(frames)}")
+        return lines

@@ -1,11 +1,12 @@
 """Which of torch's scaled-dot-product-attention kernels the UNet's attention layers run on.
 
-diffusers' attention calls ``F.scaled_dot_product_attention``; torch picks its kernel by a fixed priority, which is
-not the fastest at SD1.5's head sizes (40 / 80 / 160) on a Hopper card. Measured on an H200 (benchmarks/speed.md,
-session 6, the SD1.5 UNet in bf16): a no-grad forward at batch 16 took 56.0 ms with torch's choice, 49.6 with
-cuDNN's kernel first and 74.0 with flash-attention's; a forward + backward at batch 8 took 115.9, 92.0 and 86.1 ms.
-So the calls without gradients (teacher, target, drawing) prefer cuDNN and the student's prefers flash. A
-preference only reorders torch's list: a kernel that does not take a shape falls back to the next one.
+diffusers' attention calls ``F.scaled_dot_product_attention`` and torch picks its kernel by a priority order. A
+preference only reorders that list: a kernel that does not take a shape falls back to the next one. Measured on an
+H200 (benchmarks/speed.md, session 6), SD1.5 in bf16: an eager calibration of the UNet alone favoured cuDNN's kernel
+without gradients (forward at batch 16: 49.6 ms, torch's choice 56.0) and flash's with them (forward + backward at
+batch 8: 86.1 ms, torch's choice 115.9), yet through ``train`` with CUDA graphs those preferences made the CD step
+slower (203.2 ms against 191.8), and drawing no faster. So every default is torch's own order; the switch stays for
+other cards and torch versions.
 """
 
 from __future__ import annotations

@@ -164,7 +164,9 @@ def test_step_profiler_times_every_step_and_phase_of_a_real_run(tmp_path, conf_d
     # the traced step's time by kernel family (on the CPU: the ops' host time), and the start-up's milestones
     kernels = summary["kernel_ms_per_step"]
     assert kernels["total"] > 0 and kernels.get("convolution", 0) > 0 and kernels.get("matmul", 0) > 0
-    assert "over 1 traced steps" in profile.with_suffix(".kernels.txt").read_text()
+    kernels_text = profile.with_suffix(".kernels.txt").read_text()
+    assert "over 1 traced steps" in kernels_text
+    assert "aten::convolution" in kernels_text.split("op <- callers", 1)[1]  # the ops table, with its callers
     marks = summary["milestones"]
     assert marks["setup"] <= marks["fit_start"] <= marks["train_start"] <= marks["first_step_end"]
 
@@ -246,7 +248,7 @@ def test_each_role_calls_attention_with_its_preferred_kernel_first(tiny_sd_path,
     schedule = NoiseSchedule.from_scheduler_config(components.scheduler_config)
     module = ConsistencyDistillation(
         components.unet, schedule, lora={"rank": 4}, optimizer=lambda params: torch.optim.AdamW(params),
-        sdpa_backends={"target": "math"},  # the others keep the defaults: student flash, teacher cuDNN
+        sdpa_backends={"student": "flash", "teacher": "cudnn", "target": "math"},
     )
     first_seen = []
     original = F.scaled_dot_product_attention
