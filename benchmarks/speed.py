@@ -156,6 +156,9 @@ TRAIN_VARIANTS = {
     # run twice: cold, then from the compile cache the first run filled
     "cd_trace": ["method=cd", "method.module.cuda_graphs=false", "+callbacks.step_profiler.kernel_trace=3"],
     "cd_compile_warm": ["method=cd", "method.module.compile_blocks=true"],
+    "cd_trace_graphs": ["method=cd", "+callbacks.step_profiler.kernel_trace=3"],  # kernels replayed from graphs
+    "cd_cl_trace": ["method=cd", "method.module.cuda_graphs=false", "method.module.channels_last=true",
+                    "+callbacks.step_profiler.kernel_trace=3"],
     "cd_sdpa_default": ["method=cd", "method.module.sdpa_backends={student:default,teacher:default,target:default}"],
 }
 
