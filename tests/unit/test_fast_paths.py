@@ -294,3 +294,18 @@ def test_preferred_attention_kernels_compute_attention(choice):
         q32 = q.clone().requires_grad_()
         torch.nn.functional.scaled_dot_product_attention(q32, k, v).square().sum().backward()
         assert ((q16.grad.float() - q32.grad).norm() / q32.grad.norm()).item() < 5e-2, head_dim
+
+
+def test_sample_compile_compiles_the_unet_blocks_and_the_vae_decoder(tiny_sd_path, monkeypatch):
+    """`sample compile=true` reaches the Drawer, which compiles the UNet's blocks and the VAE decoder before drawing
+    (the compiled drawer's images are pinned to the eager ones by a GPU test: compiling on a CPU takes a minute)."""
+    import cm_lightning.pipeline as pipeline
+
+    compiled = []
+    monkeypatch.setattr(pipeline, "compile_unet_blocks", lambda unet: compiled.append(("unet", unet)))
+    monkeypatch.setattr(pipeline, "compile_vae_decoder", lambda vae: compiled.append(("vae", vae)))
+    drawer, _ = pipeline.load_drawer(load_components(str(tiny_sd_path)), None, compile=True)
+    assert compiled == [("unet", drawer.unet), ("vae", drawer.encoders.vae)]
+    compiled.clear()
+    pipeline.load_drawer(load_components(str(tiny_sd_path)), None)
+    assert compiled == []  # off by default
