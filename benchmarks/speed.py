@@ -159,6 +159,8 @@ TRAIN_VARIANTS = {
     "cd_trace_graphs": ["method=cd", "+callbacks.step_profiler.kernel_trace=3"],  # kernels replayed from graphs
     "cd_cl_trace": ["method=cd", "method.module.cuda_graphs=false", "method.module.channels_last=true",
                     "+callbacks.step_profiler.kernel_trace=3"],
+    "cd_merged_fused": ["method=cd", "method.module.lora_forward=merged_fused"],  # W' as one bf16 GEMM
+    "cd_compile_cl": ["method=cd", "method.module.compile_blocks=true", "method.module.channels_last=true"],
     "cd_sdpa_default": ["method=cd", "method.module.sdpa_backends={student:default,teacher:default,target:default}"],
 }
 

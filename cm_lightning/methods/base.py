@@ -66,6 +66,7 @@ class ConsistencyModule(LatentTrainingModule):
             GPU has at least ``AUTO_CHECKPOINTING_GIB`` of memory; off on the CPU, where memory is not the limit).
         lora_forward: 'merged' (each LoRA layer runs as one op on W + scale B A: same function and gradients,
             about half the time at SD1.5 size; the backward takes A's and B's gradients through the rank-r factors),
+            'merged_fused' (as 'merged', W' rebuilt as one GEMM in the weights' dtype: see ``use_merged_lora_forward``),
             'merged_dense_backward' (the same forward, autograd's full-size gradient of W' folded into A and B) or
             'peft' (peft's own unmerged forward).
         compile_blocks: ``torch.compile`` each transformer and ResNet block of the UNet (regional compilation:
@@ -125,7 +126,8 @@ class ConsistencyModule(LatentTrainingModule):
         # listed once: walking the UNet's ~2,000 modules for them costs milliseconds of host time every step
         self._trainable = [p for p in unet.parameters() if p.requires_grad]
         if lora_forward != "peft":
-            use_merged_lora_forward(unet, low_rank_backward=lora_forward == "merged")
+            use_merged_lora_forward(unet, low_rank_backward=lora_forward != "merged_dense_backward",
+                                    fused_merge=lora_forward == "merged_fused")
         self.compile_blocks = compile_blocks
         self.cuda_graphs = cuda_graphs
         unknown = set(half_precision_roles) - set(ROLES)

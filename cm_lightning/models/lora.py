@@ -155,10 +155,10 @@ def save_lora_diffusers(
 
 
 # ---------------------------------------------------------------------------------------------- merged forward
-LORA_FORWARDS = ("merged", "merged_dense_backward", "peft")
+LORA_FORWARDS = ("merged", "merged_fused", "merged_dense_backward", "peft")
 
 
-def use_merged_lora_forward(unet: torch.nn.Module, low_rank_backward: bool = True) -> int:
+def use_merged_lora_forward(unet: torch.nn.Module, low_rank_backward: bool = True, fused_merge: bool = False) -> int:
     """Run every LoRA Linear/Conv2d as ONE base-shaped op on ``W + scale * B @ A``, rebuilt on each call.
 
     peft's own forward adds ``B(A(x)) * scale`` beside the base op: at SD1.5 size its small rank-r matmuls and
@@ -169,7 +169,10 @@ def use_merged_lora_forward(unet: torch.nn.Module, low_rank_backward: bool = Tru
     without it autograd forms the full-size gradient of W' (as costly as the forward's matmul) and folds it into A
     and B. Either way the result is the same function with the same gradients (tests pin both to peft). Layers with
     dropout, other LoRA variants, merged or switched-off adapters and mixed-adapter batches keep peft's path.
-    Returns the layers switched.
+    ``fused_merge`` (with the rank-r backward) rebuilds W' as one GEMM in the base weights' dtype,
+    ``addmm(W, B, A, alpha=scale)``, instead of a float32 B A, a scale, a cast and an add: one pass over W instead
+    of about six (the merge's float32 GEMMs alone take ~5 ms of a CD step at SD1.5 size, benchmarks/speed.md session
+    6; the switch itself is not yet timed); A and B are rounded to that dtype first. Returns the layers switched.
     """
     from peft.tuners.lora import layer as lora_layers
 
@@ -178,6 +181,7 @@ def use_merged_lora_forward(unet: torch.nn.Module, low_rank_backward: bool = Tru
         if isinstance(module, (lora_layers.Linear, lora_layers.Conv2d)) and not hasattr(module, "_peft_forward"):
             module._peft_forward = module.forward
             module._low_rank_backward = low_rank_backward
+            module._fused_merge = fused_merge
             module.forward = types.MethodType(_merged_forward, module)
             switched += 1
     return switched
@@ -194,7 +198,7 @@ def _merged_forward(layer, x: Tensor, *args, **kwargs) -> Tensor:
         adapter = adapters[0]
         conv = None if isinstance(base, torch.nn.Linear) else (base.stride, base.padding, base.dilation)
         return _MergedLora.apply(x, base.weight, base.bias, layer.lora_A[adapter].weight,
-                                 layer.lora_B[adapter].weight, layer.scaling[adapter], conv)
+                                 layer.lora_B[adapter].weight, layer.scaling[adapter], conv, layer._fused_merge)
     weight = base.weight
     for adapter in adapters:
         weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
@@ -227,10 +231,14 @@ class _MergedLora(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, conv):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, conv, fused=False):
         rank = lora_a.shape[0]
-        delta = (lora_b.reshape(lora_b.shape[0], rank) @ lora_a.reshape(rank, -1)).reshape(weight.shape) * scale
-        merged = weight + delta.to(weight.dtype)
+        b2, a2 = lora_b.reshape(lora_b.shape[0], rank), lora_a.reshape(rank, -1)
+        if fused:  # W + scale B A in one GEMM, in W's dtype
+            merged = torch.addmm(weight.reshape(weight.shape[0], -1), b2.to(weight.dtype), a2.to(weight.dtype),
+                                 alpha=scale).reshape(weight.shape)
+        else:
+            merged = weight + ((b2 @ a2).reshape(weight.shape) * scale).to(weight.dtype)
         if conv is None:
             y = torch.nn.functional.linear(x, merged, bias)
         else:
@@ -259,7 +267,7 @@ class _MergedLora(torch.autograd.Function):
             grad_b = torch.nn.grad.conv2d_weight(u, lora_b.shape, grad) * scale
             v = torch.nn.functional.conv2d(grad, b.transpose(0, 1))  # B^T g: N x r x H' x W'
             grad_a = torch.nn.grad.conv2d_weight(x, lora_a.shape, v, stride, padding, dilation) * scale
-        return grad_x, None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None
+        return grad_x, None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None
 
 
 def merge_adapter(unet: torch.nn.Module) -> None:
