@@ -3,6 +3,7 @@
 What it measures, each section written to ``--out`` (JSON) as soon as it is done, so a run cut short keeps what it has:
   machine   the card, torch, and its measured bf16 matmul rate (the MFU denominator);
   prepare   ``python -m cm_lightning.prepare`` on a generated COCO-layout folder: images/s of the cache build;
+            (``prepare_trace``: the same build traced in-process, GPU kernel time against wall time per batch);
   train     ``python -m cm_lightning.train`` per variant (method, LoRA forward, precision, checkpointing) with the
             ``StepProfiler`` callback: median step, samples/s, MFU, peak memory, per-phase GPU time, first step;
   reference a loop written the way diffusers' LCM-LoRA example trains (two UNet copies, VAE + text encode every
@@ -244,6 +245,31 @@ def measure_sampling(args, runs: dict, device: torch.device) -> dict:
     return out
 
 
+def trace_prepare(args, overrides: list[str]) -> dict:
+    """A diagnostic (the rate itself is `prepare`'s, above): the same cache build, in this process, under
+    ``torch.profiler``, into a fresh cache folder: kernel time per batch of ``encode_batch_size`` against the build's
+    wall time per batch, i.e. how long the GPU waits for the host between batches. Writes prepare.kernels.txt."""
+    from cm_lightning.api import compose_config
+    from cm_lightning.methods.profiling import KernelTracer
+    from cm_lightning.prepare import prepare
+
+    os.environ["CM_LIGHTNING_CACHE"] = str(args.work / "cache_traced")  # a fresh build, not the cached one
+    cfg = compose_config("train", overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tracer = KernelTracer(device.type == "cuda", with_stack=False)  # no stacks: keep the host's loop as fast as untraced
+    summary = prepare(cfg)
+    wall = float(re.search(r"built in ([\d.]+) s", summary).group(1))  # the build, not the model's loading
+    batch = int(cfg.data.datamodule.encode_batch_size)
+    tracer.steps = -(-args.images // batch)  # the tables per batch
+    kernels = tracer.finish(args.work / "prepare.kernels.txt")
+    per_batch = wall / tracer.steps * 1000
+    out = {"batches": tracer.steps, "wall_ms_per_batch": round(per_batch, 1), "kernel_ms_per_batch": kernels,
+           "gpu_idle_ms_per_batch": round(per_batch - kernels["total"], 1), "summary": summary.splitlines()[0],
+           "note": "wall is the build's own clock (first batch's cuDNN autotuning and the workers' start included)"}
+    print("prepare trace", out, flush=True)
+    return out
+
+
 def calibrate_vae_layout(args, device: torch.device) -> dict:
     """A side calibration (not an entry point) to choose the VAE's memory format: FrozenEncoders' encode at batch 64
     (the cache build) and decode at batch 1 (drawing), channels-last against contiguous, and contiguous with cuDNN's
@@ -372,6 +398,9 @@ def main() -> None:
         results["prepare"] = measure_prepare(args, overrides, env)
         save(results, args.out)
         print("prepare", results["prepare"].get("images_per_s"), "images/s", flush=True)
+    if "prepare_trace" in sections:
+        results["prepare_trace"] = trace_prepare(args, overrides)
+        save(results, args.out)
     if "vae_layout" in sections:
         results["vae_layout"] = calibrate_vae_layout(args, device)
         save(results, args.out)

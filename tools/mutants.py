@@ -174,6 +174,9 @@ MUTANTS = [
            "grad_a = torch.nn.grad.conv2d_weight(x, lora_a.shape, v, stride, padding, dilation) * scale",
            "grad_a = torch.nn.grad.conv2d_weight(x, lora_a.shape, v, stride, padding, dilation)",
            ("tests/unit/test_fast_paths.py::test_merged_lora_forward_gives_peft_outputs_and_gradients",)),
+    Mutant("fused LoRA merge without the alpha / rank scale (lora_forward=merged_fused)", "cm_lightning/models/lora.py",
+           "alpha=scale).reshape(weight.shape)", "alpha=1.0).reshape(weight.shape)",
+           ("tests/unit/test_fast_paths.py::test_merged_lora_forward_gives_peft_outputs_and_gradients",)),
     # ---- options: EMA and curriculum
     Mutant("target EMA updated every micro-batch", "cm_lightning/methods/base.py",
            "if self.ema is not None and self.global_step != self._ema_step:", "if self.ema is not None:",

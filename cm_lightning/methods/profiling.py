@@ -135,7 +135,7 @@ class StepProfiler(L.Callback):
             self._sync()
             self._window.append(time.perf_counter())
         if self.kernel_trace and len(self.steps) == self.skip and self._tracer is None:
-            self._tracer = _KernelTracer(self._cuda)
+            self._tracer = KernelTracer(self._cuda)
         self._marks = _Marks(self._cuda) if self.phases else None
         if self._marks is not None:
             self._marks.start("step")
@@ -268,17 +268,19 @@ def _short_kernel_name(name: str, width: int = 160) -> str:
     return name[:width]
 
 
-class _KernelTracer:
-    """``torch.profiler`` over a few steps: device time by kernel family (CPU-side op time where there is no GPU)."""
+class KernelTracer:
+    """``torch.profiler`` over a few steps: device time by kernel family (CPU-side op time where there is no GPU).
 
-    def __init__(self, cuda: bool):
+    ``count_step()`` after each step; ``finish(path)`` writes the tables and returns the families' ms per step."""
+
+    def __init__(self, cuda: bool, with_stack: bool = True):
         from torch.profiler import ProfilerActivity, profile
 
         self.cuda, self.steps = cuda, 0
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         # stacks: which lines launched the time (key_averages reads them only under the verbose config)
         verbose = torch._C._profiler._ExperimentalConfig(verbose=True)
-        self.profile = profile(activities=activities, with_stack=True, experimental_config=verbose)
+        self.profile = profile(activities=activities, with_stack=with_stack, experimental_config=verbose)
         self.profile.__enter__()
 
     def count_step(self) -> int:
