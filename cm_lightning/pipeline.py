@@ -19,7 +19,6 @@ from .errors import UserError
 from .methods.cuda_graphs import CudaGraphNetwork
 from .methods.sampler_table import get_sampler
 from .methods.sampling import SamplerKind, generate_latents, renoise_generator, unet_network
-from .models.attention import prefer_sdpa
 from .models.compilation import compile_unet_blocks, compile_vae_decoder
 from .models.components import SDComponents
 from .models.encoders import FrozenEncoders
@@ -108,11 +107,10 @@ class Drawer:
     dtype: torch.dtype = torch.float32
     cuda_graphs: bool = True  # on a GPU, replay each UNet call from a captured CUDA graph (launch-bound at batch 1)
     compile: bool = False  # torch.compile the UNet's blocks and the VAE decoder (under the graphs): compile time first
-    sdpa_backend: str = "default"  # the attention kernel the UNet tries first (models/attention.py)
     latent_size: tuple[int, int] | None = None  # (h, w) of the latents to draw; None: the UNet's sample_size square
 
     def __post_init__(self) -> None:
-        network = prefer_sdpa(unet_network(self.unet), self.sdpa_backend)
+        network = unet_network(self.unet)
         self.network = network
         self._null_context: torch.Tensor | None = None  # the empty prompt's embedding, encoded once
         if self.compile:

@@ -268,6 +268,10 @@ def _short_kernel_name(name: str, width: int = 160) -> str:
     return name[:width]
 
 
+def _runs_on(event, device: str) -> bool:
+    return str(event.device_type).rsplit(".", 1)[-1] == device  # DeviceType.CUDA / DeviceType.CPU
+
+
 class KernelTracer:
     """``torch.profiler`` over a few steps: device time by kernel family (CPU-side op time where there is no GPU).
 
@@ -292,30 +296,30 @@ class KernelTracer:
             torch.cuda.synchronize()
         self.profile.__exit__(None, None, None)
         steps = max(1, self.steps)
-        rows = []  # (name, ms per step, calls per step)
+        rows = []  # (name, family, ms per step, calls per step)
         for event in self.profile.key_averages():
             if getattr(event, "is_user_annotation", False):  # ranges such as the optimizer step's, not kernels
                 continue
             if self.cuda:
-                if str(event.device_type).rsplit(".", 1)[-1] != "CUDA":
+                if not _runs_on(event, "CUDA"):
                     continue
                 micros = event.self_device_time_total
             else:  # CPU: the ops' own host time stands in (no kernels to read)
                 if not event.key.startswith("aten::"):
                     continue
                 micros = event.self_cpu_time_total
-            rows.append((event.key, micros / 1000 / steps, event.count / steps))
+            rows.append((event.key, kernel_family(event.key), micros / 1000 / steps, event.count / steps))
         families: dict[str, float] = {}
-        for name, ms, _ in rows:
-            families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + ms
+        for _, family, ms, _ in rows:
+            families[family] = families.get(family, 0.0) + ms
         total = sum(families.values())
         lines = [f"{'device' if self.cuda else 'host (no GPU)'} time per step over {self.steps} traced steps: "
                  f"{total:.1f} ms", "", "family           ms/step   share"]
         for family, ms in sorted(families.items(), key=lambda item: -item[1]):
             lines.append(f"{family:<16} {ms:8.2f}  {ms / total if total else 0:6.1%}")
         lines += ["", "  ms/step  calls/step  family          kernel (ATen's templated names shortened to their functor)"]
-        for name, ms, calls in sorted(rows, key=lambda row: -row[1])[:60]:
-            lines.append(f"{ms:9.2f} {calls:10.1f}  {kernel_family(name):<15} {_short_kernel_name(name)}")
+        for name, family, ms, calls in sorted(rows, key=lambda row: -row[2])[:60]:
+            lines.append(f"{ms:9.2f} {calls:10.1f}  {family:<15} {_short_kernel_name(name)}")
         try:
             lines += self._ops_table(steps)
         except Exception as error:  # a diagnostic: never lose the run's other results to it
@@ -333,7 +337,7 @@ class KernelTracer:
                  "Python lines that called them", "  ms/step  calls/step  op <- callers"]
         grouped: dict[tuple, list[float]] = {}  # (op, callers) -> [time, calls], over every module instance
         for event in self.profile.key_averages(group_by_stack_n=12):
-            if str(event.device_type).rsplit(".", 1)[-1] != "CPU" or not event.key.startswith("aten::"):
+            if not _runs_on(event, "CPU") or not event.key.startswith("aten::"):
                 continue
             frames = tuple(f for f in event.stack if "torch/" not in f and not f.startswith(("<built-in", "nn.Module")))
             entry = grouped.setdefault((event.key, frames[:3]), [0.0, 0.0])

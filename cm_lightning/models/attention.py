@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import nullcontext
+from functools import lru_cache
 from typing import Callable, ContextManager
 
 import torch
@@ -20,28 +21,32 @@ import torch
 SDPA_CHOICES = ("default", "cudnn", "flash", "efficient", "math")
 
 
-def _backends():
-    from torch.nn.attention import SDPBackend
-
-    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-
-
 def check_sdpa_choice(choice: str, field: str) -> None:
     if choice not in SDPA_CHOICES:
         raise ValueError(f"{field}={choice!r} is not one of {', '.join(SDPA_CHOICES)}")
 
 
+@lru_cache(maxsize=None)
+def _priority_order(choice: str) -> tuple | None:
+    """torch's backends with ``choice``'s first; None for 'default' or a torch without priorities (< 2.6)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if choice == "default" or "set_priority" not in inspect.signature(sdpa_kernel).parameters:
+        return None
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return (backends[choice], *(b for name, b in backends.items() if name != choice))
+
+
 def sdpa_preference(choice: str) -> ContextManager:
     """A context in which attention tries ``choice``'s kernel first, then torch's others ('default': torch's order)."""
     check_sdpa_choice(choice, "attention kernel")
+    order = _priority_order(choice)
+    if order is None:
+        return nullcontext()
     from torch.nn.attention import sdpa_kernel
 
-    if choice == "default" or "set_priority" not in inspect.signature(sdpa_kernel).parameters:  # torch < 2.6
-        return nullcontext()
-    backends = _backends()
-    order = [backends[choice], *(b for name, b in backends.items() if name != choice)]
-    return sdpa_kernel(order, set_priority=True)
+    return sdpa_kernel(list(order), set_priority=True)
 
 
 def prefer_sdpa(net: Callable[..., torch.Tensor], choice: str) -> Callable[..., torch.Tensor]:
