@@ -3,7 +3,8 @@
 What it measures, each section written to ``--out`` (JSON) as soon as it is done, so a run cut short keeps what it has:
   machine   the card, torch, and its measured bf16 matmul rate (the MFU denominator);
   prepare   ``python -m cm_lightning.prepare`` on a generated COCO-layout folder: images/s of the cache build;
-            (``prepare_trace``: the same build traced in-process, GPU kernel time against wall time per batch);
+            (``prepare_trace``: the same build traced in-process, GPU kernel time against wall time per batch;
+            ``prepare_nobenchmark``: the build without cuDNN's autotuner, into a cache of its own);
   train     ``python -m cm_lightning.train`` per variant (method, LoRA forward, precision, checkpointing) with the
             ``StepProfiler`` callback: median step, samples/s, MFU, peak memory, per-phase GPU time, first step;
   reference a loop written the way diffusers' LCM-LoRA example trains (two UNet copies, VAE + text encode every
@@ -108,9 +109,11 @@ def run(cmd: list[str], log: Path, env: dict, timeout: float | None = None) -> t
 
 
 # ------------------------------------------------------------------------------------------------ sections
-def measure_prepare(args, overrides: list[str], env: dict) -> dict:
-    cmd = [sys.executable, "-m", "cm_lightning.prepare", *overrides, f"hydra.run.dir={args.work}/prepare_run"]
-    code, wall, tail = run(cmd, args.work / "prepare.log", env)
+def measure_prepare(args, overrides: list[str], env: dict, name: str = "prepare") -> dict:
+    """`prepare` into a cache folder of its own (``name``), so that a second variant builds instead of reusing."""
+    cmd = [sys.executable, "-m", "cm_lightning.prepare", *overrides, f"hydra.run.dir={args.work}/{name}_run"]
+    env = env if name == "prepare" else {**env, "CM_LIGHTNING_CACHE": str(args.work / f"cache_{name}")}
+    code, wall, tail = run(cmd, args.work / f"{name}.log", env)
     match = re.search(r"built in ([\d.]+) s", tail)
     seconds = float(match.group(1)) if match else None
     return {"command": " ".join(cmd[1:]), "returncode": code, "wall_seconds": round(wall, 1),
@@ -161,6 +164,7 @@ TRAIN_VARIANTS = {
     "cd_cl_trace": ["method=cd", "method.module.cuda_graphs=false", "method.module.channels_last=true",
                     "+callbacks.step_profiler.kernel_trace=3"],
     "cd_merged_fused": ["method=cd", "method.module.lora_forward=merged_fused"],  # W' as one bf16 GEMM
+    "cd_merged": ["method=cd", "method.module.lora_forward=merged"],  # session 6's default: fp32 B A, cast, add
     "cd_compile_cl": ["method=cd", "method.module.compile_blocks=true", "method.module.channels_last=true"],
     "cd_sdpa_default": ["method=cd", "method.module.sdpa_backends={student:default,teacher:default,target:default}"],
 }
@@ -398,6 +402,11 @@ def main() -> None:
         results["prepare"] = measure_prepare(args, overrides, env)
         save(results, args.out)
         print("prepare", results["prepare"].get("images_per_s"), "images/s", flush=True)
+    if "prepare_nobenchmark" in sections:  # the cuDNN autotuner's cost at the first batch, against its gain
+        results["prepare_nobenchmark"] = measure_prepare(args, overrides + ["trainer.benchmark=false"], env,
+                                                         "prepare_nobenchmark")
+        save(results, args.out)
+        print("prepare_nobenchmark", results["prepare_nobenchmark"].get("images_per_s"), "images/s", flush=True)
     if "prepare_trace" in sections:
         results["prepare_trace"] = trace_prepare(args, overrides)
         save(results, args.out)

@@ -14,7 +14,7 @@ import hydra
 import torch
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from .cli import build, checked_command_line, compute_device, load_model, one_line_errors, parse_dtype
@@ -104,7 +104,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    callbacks += [RunState(run_identity(cfg)), StepSeeds(cfg.seed), NonFiniteSteps(cfg.max_nonfinite_steps)]
+    run_state = RunState(run_identity(cfg))
+    callbacks += [run_state, StepSeeds(cfg.seed), NonFiniteSteps(cfg.max_nonfinite_steps)]
     for callback in callbacks:  # validation draws the teacher's reference with the model's own DDIM spacing
         if hasattr(callback, "bind_scheduler_config"):
             callback.bind_scheduler_config(components.scheduler_config)
@@ -112,7 +113,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
-    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if not last_checkpoint_is_final(trainer, run_state, last):
+        trainer.save_checkpoint(last)
     if trainer.is_global_zero:
         if not cfg.method.get("uses_lora", True):  # a whole new model (method=teacher): the base folder, new UNet
             folder = save_model_folder(cfg.model.pretrained, module.exported_unet, output_dir / "model")
@@ -130,6 +133,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:  # what a sweep's summary table reads (cm_lightning.sweeps)
         write_job_metrics(output_dir, metrics, steps=trainer.global_step)
     return metrics
+
+
+def last_checkpoint_is_final(trainer: L.Trainer, run_state: RunState, last: Path) -> bool:
+    """Whether ModelCheckpoint already wrote ``last`` at the final step (then saving it again would only cost
+    another write of the LoRA, its optimizer state and EMA, ~1 GB at SD1.5 size)."""
+    callback = trainer.checkpoint_callback
+    return (isinstance(callback, ModelCheckpoint) and bool(callback.save_last)
+            and run_state.saved_at_step == trainer.global_step
+            and Path(callback.last_model_path or "").resolve() == last.resolve() and last.exists())
 
 
 @checked_command_line("train")

@@ -64,9 +64,10 @@ class ConsistencyModule(LatentTrainingModule):
         target: 'student' (the student itself under no-grad, as LCM-LoRA) or 'ema' (an EMA of the LoRA weights).
         gradient_checkpointing: trade compute for memory in the UNet: True, False, or 'auto' (on unless the
             GPU has at least ``AUTO_CHECKPOINTING_GIB`` of memory; off on the CPU, where memory is not the limit).
-        lora_forward: 'merged' (each LoRA layer runs as one op on W + scale B A: same function and gradients,
-            about half the time at SD1.5 size; the backward takes A's and B's gradients through the rank-r factors),
-            'merged_fused' (as 'merged', W' rebuilt as one GEMM in the weights' dtype: see ``use_merged_lora_forward``),
+        lora_forward: 'merged_fused' (each LoRA layer runs as one op on W' = W + scale B A, W' rebuilt by one GEMM
+            in the weights' dtype: same function and gradients, about half the time of peft's at SD1.5 size; the
+            backward takes A's and B's gradients through the rank-r factors), 'merged' (as 'merged_fused', W' from a
+            float32 B A, a scale, a cast and an add: see ``use_merged_lora_forward``),
             'merged_dense_backward' (the same forward, autograd's full-size gradient of W' folded into A and B) or
             'peft' (peft's own unmerged forward).
         compile_blocks: ``torch.compile`` each transformer and ResNet block of the UNet (regional compilation:
@@ -102,7 +103,7 @@ class ConsistencyModule(LatentTrainingModule):
         target: str = "student",
         ema_decay: float = 0.95,
         gradient_checkpointing: bool | str = "auto",
-        lora_forward: str = "merged",
+        lora_forward: str = "merged_fused",
         compile_blocks: bool = False,
         cuda_graphs: bool = True,
         half_precision_roles: Sequence[str] = ROLES,

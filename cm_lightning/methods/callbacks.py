@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import lightning as L
@@ -45,6 +46,7 @@ class SampleGrid(L.Callback):
         if trainer.global_step == self.last_step:
             return
         self.last_step = trainer.global_step
+        started = time.perf_counter()
         unet = module.unet
         shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(self.seed + i))
@@ -59,5 +61,7 @@ class SampleGrid(L.Callback):
         grid = image_grid(encoders.decode_latents(latents.float().to(encoders.device)).cpu(),
                           columns=min(4, len(self.prompts)))
         self.folder.mkdir(parents=True, exist_ok=True)
-        grid.save(self.folder / f"step{trainer.global_step:06d}.png")
+        path = self.folder / f"step{trainer.global_step:06d}.png"
+        grid.save(path)
         log_image(trainer.loggers, "samples", grid, " | ".join(self.prompts), trainer.global_step)
+        log.info("step %d: sample grid %s (%.1f s)", trainer.global_step, path, time.perf_counter() - started)

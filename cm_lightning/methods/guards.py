@@ -23,6 +23,7 @@ class RunState(L.Callback):
         self.identity = identity
         self.epoch, self.batches = 0, 0  # batches of `epoch` already trained
         self.resume_at: tuple[int, int] | None = None
+        self.saved_at_step: int | None = None  # the global step of the newest checkpoint written
 
     def on_train_start(self, trainer, module) -> None:
         # after the loader is built, before its first iteration; Lightning skips on_train_epoch_start when it
@@ -47,6 +48,7 @@ class RunState(L.Callback):
         checkpoint[IDENTITY_KEY] = dict(self.identity)
         checkpoint["rng"] = rng.capture()
         checkpoint["data_position"] = {"epoch": self.epoch, "batches": self.batches}
+        self.saved_at_step = trainer.global_step
 
     def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
         if "rng" in checkpoint:

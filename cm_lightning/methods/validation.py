@@ -16,6 +16,7 @@ so ``train`` returns them and sweeps optimise them.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import lightning as L
@@ -125,6 +126,7 @@ class TeacherGapValidation(L.Callback):
                 or trainer.global_step == self.last_step or not self.prompts or not has_adapters(module.unet)):
             return None  # (a run without adapters, method=teacher, has no teacher to compare with)
         self.last_step = trainer.global_step
+        started = time.perf_counter()
         was_training = module.training
         module.eval()
         try:
@@ -133,6 +135,8 @@ class TeacherGapValidation(L.Callback):
                     self.reference = self.teacher_images(module, encoders)
                     self._show(trainer, "validation/teacher", self.reference,
                                f"teacher DDIM {self.teacher_steps}, g={self.teacher_guidance:g}")
+                    log.info("validation: the teacher's reference drawn in %.1f s", time.perf_counter() - started)
+                    started = time.perf_counter()
                 images = self.student_images(module, encoders)
         finally:
             module.train(was_training)
@@ -144,7 +148,8 @@ class TeacherGapValidation(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        log.info("step %d: %s", trainer.global_step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log.info("step %d: %s (%.1f s)", trainer.global_step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                 time.perf_counter() - started)
         return metrics
 
     def _show(self, trainer, key: str, images: torch.Tensor, caption: str) -> None:

@@ -192,6 +192,25 @@ def test_training_resumes_from_its_lora_only_checkpoint(run_dirs, tmp_path):
     assert steps == {5}
 
 
+@pytest.mark.parametrize("every, writes", [(3, 2), (4, 2)])
+def test_last_checkpoint_is_the_final_step_written_once(every, writes, run_dirs, tmp_path, monkeypatch):
+    """last.ckpt holds the final step; it links to the step checkpoint when one was saved there (3: steps 3 and 6),
+    and is written after training only when none was (4: step 4, then last.ckpt at step 6), never twice."""
+    import lightning as L
+
+    cache, _ = run_dirs
+    calls = []
+    original = L.Trainer.save_checkpoint
+    monkeypatch.setattr(L.Trainer, "save_checkpoint",
+                        lambda self, path, *a, **k: (calls.append(Path(path).name), original(self, path, *a, **k))[1])
+    out = tmp_path / "run"
+    train(compose_train(*quick_overrides(cache, out, "cd"), f"callbacks.model_checkpoint.every_n_train_steps={every}"))
+    last = out / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 6
+    assert len(calls) == writes, calls
+    assert last.is_symlink() == (every == 3)
+
+
 def test_checkpoint_and_exported_lora_load_the_same_weights(run_dirs, tmp_path):
     """sample/export accept a run's .ckpt as well as its lora/ folder: both must give the trained weights."""
     from cm_lightning.export import export_run
