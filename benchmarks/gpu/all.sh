@@ -5,7 +5,7 @@
 #   GPU 2: quality.sh: the shapes-world runs with validation, their table and the validation metric's ranking
 # On 2 GPUs (x2) GPU 1 runs SECOND: quality (default), job, or speed (speed.sh with SECOND_ARGS, its own work folder).
 # Run from the repo root with .whl carried:  bash benchmarks/gpu/all.sh   (env: SPEED_ARGS, SECOND, SECOND_ARGS, JOB_ARGS,
-# QUALITY_MAX_TIME; JOB_SKIP_GPU_TESTS= runs the GPU tests before the job; JOB_BUDGET_S)
+# QUALITY_MAX_TIME, QUALITY_GPU_TESTS_K; JOB_SKIP_GPU_TESTS= runs the GPU tests before the job; JOB_BUDGET_S)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 [ ! -d .whl/wandb ] || python3 -c 'import wandb' 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl/wandb wandb || exit 1
@@ -17,7 +17,15 @@ SECOND=${SECOND:-quality}
 if [ "$(nvidia-smi -L | wc -l)" -ge 3 ]; then JOB_GPU=1 QUALITY_GPU=2
 else case $SECOND in job) JOB_GPU=1 QUALITY_GPU=;; quality) JOB_GPU= QUALITY_GPU=1;; *) JOB_GPU= QUALITY_GPU=;; esac; fi
 [ -z "$JOB_GPU" ] || CUDA_VISIBLE_DEVICES=$JOB_GPU OUT=$ROOT/job WORK=/tmp/speed1 SKIP_GPU_TESTS=${JOB_SKIP_GPU_TESTS-1} BUDGET_S=${JOB_BUDGET_S:-560} bash benchmarks/gpu/speed.sh ${JOB_ARGS:---sections prepare,job --images 2048 --workers 10} > "$ROOT/gpu_job.txt" 2>&1 &
-[ -z "$QUALITY_GPU" ] || CUDA_VISIBLE_DEVICES=$QUALITY_GPU OUT=$ROOT/quality MAX_TIME=${QUALITY_MAX_TIME:-00:00:03:45} CT_SWEEP= bash benchmarks/gpu/quality.sh > "$ROOT/gpu_quality.txt" 2>&1 &
+# QUALITY_GPU_TESTS_K: GPU-only tests (tests/unit/test_fast_paths.py -k ...) on the quality GPU before its runs
+quality_gpu_tests() {
+  [ -n "${QUALITY_GPU_TESTS_K:-}" ] || return 0
+  PYTHONPATH=/tmp/site:$PWD PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fast_paths.py -k "$QUALITY_GPU_TESTS_K"
+  # the cache build's overlap test must fail when the build reads its copies without waiting for them
+  PYTHONPATH=/tmp/site:$PWD PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python3 -c 'import sys, torch, pytest; torch.cuda.Event.synchronize = lambda self: None; code = pytest.main(["-q", "-p", "no:cacheprovider", "tests/unit/test_fast_paths.py", "-k", "cache_build"]); print("race mutant:", "caught" if code == 1 else "NOT caught", code)'
+}
+[ -z "$QUALITY_GPU" ] || { export CUDA_VISIBLE_DEVICES=$QUALITY_GPU; quality_gpu_tests > "$ROOT/gpu_tests.txt" 2>&1
+  OUT=$ROOT/quality MAX_TIME=${QUALITY_MAX_TIME:-00:00:03:45} CT_SWEEP= bash benchmarks/gpu/quality.sh > "$ROOT/gpu_quality.txt" 2>&1; } &
 [ "$SECOND" != speed ] || CUDA_VISIBLE_DEVICES=1 OUT=$ROOT/speed1 WORK=/tmp/speed1 SKIP_GPU_TESTS=1 BUDGET_S=${BUDGET_S:-440} bash benchmarks/gpu/speed.sh ${SECOND_ARGS:-} > "$ROOT/gpu1_speed.txt" 2>&1 &
 wait
 # the device tool brings back at most 8 files (16 MiB each): one tarball per workload beside the three logs
@@ -26,4 +34,4 @@ for part in speed speed1 job quality; do
 done
 ls -la "$ROOT"
 tail -25 "$ROOT/gpu0_speed.txt"; tail -25 "$ROOT/gpu1_speed.txt" 2>/dev/null; tail -8 "$ROOT/gpu_job.txt" 2>/dev/null
-tail -20 "$ROOT/gpu_quality.txt" 2>/dev/null
+tail -20 "$ROOT/gpu_quality.txt" 2>/dev/null; tail -6 "$ROOT/gpu_tests.txt" 2>/dev/null

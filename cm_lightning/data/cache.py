@@ -112,6 +112,17 @@ class _SourceImages(Dataset):
             return ("bad", index, key, "unreadable")
 
 
+def _to_host_float16(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.cuda.Event | None]:
+    """float16 copies on the host. From a GPU they are queued (cast on the device, then into pinned memory) and the
+    returned event says when they have landed; read them only after ``event.synchronize()``."""
+    if tensors[0].device.type != "cuda":
+        return tuple(t.to("cpu", torch.float16) for t in tensors), None
+    host = tuple(t.to(torch.float16).to("cpu", non_blocking=True) for t in tensors)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 def _collate(items: list[tuple]) -> _Encoded:
     good = [it for it in items if it[0] == "ok"]
     pixels = torch.stack([it[2] for it in good]) if good else torch.empty(0)
@@ -330,31 +341,46 @@ class LatentCache:
                    disable=not self.progress)
         waited = encoding = 0.0  # where the build's time goes: decoding images (workers) or encoding (the device)
         batches_in = iter(loader)
+        pending = None  # the previous batch: its results still on their way to the host
+
+        def finish(b: int, batch: _Encoded, results: tuple | None, copied: torch.cuda.Event | None) -> None:
+            nonlocal encoding, parts
+            started = time.perf_counter()
+            if copied is not None:
+                copied.synchronize()  # its copies to the host are done (later batches may still be running)
+            encoding += time.perf_counter() - started
+            parts.append((batch, *results) if results is not None else (batch, None, None, None))
+            bar.update(len(batch.indices) + len(batch.bad))
+            if b in last_batch_of:
+                shard = last_batch_of[b]
+                metas[shard] = self._write_shard(shard, ranges[shard], parts)
+                parts = []
+
         with torch.no_grad(), bar:
             for b in range(len(batches)):
                 started = time.perf_counter()
                 batch = next(batches_in)
                 waited += time.perf_counter() - started
                 started = time.perf_counter()
+                results, copied = None, None
                 if batch.indices:
+                    text = self.encoders.encode_prompts(batch.captions)  # first: its tokenizer runs on the host
                     pixels = bytes_to_unit_range(batch.pixels.to(self.encoders.device, non_blocking=True))
                     mean, std = self.encoders.encode_images(pixels)
-                    text = self.encoders.encode_prompts(batch.captions)
                     if mean.shape[1:] != (4, h, h) or std.shape != mean.shape or text.shape[0] != len(mean):
                         raise RuntimeError(
                             f"encoders returned latents {tuple(mean.shape)}/{tuple(std.shape)} and text "
                             f"{tuple(text.shape)} for {len(batch.indices)} images at resolution "
                             f"{self.resolution}; expected [b,4,{h},{h}] and [b,77,D]")
-                    parts.append((batch, mean.to("cpu", torch.float16), std.to("cpu", torch.float16),
-                                  text.to("cpu", torch.float16)))
-                else:
-                    parts.append((batch, None, None, None))
-                encoding += time.perf_counter() - started  # the copies to the host above wait for the device
-                bar.update(len(batch.indices) + len(batch.bad))
-                if b in last_batch_of:
-                    shard = last_batch_of[b]
-                    metas[shard] = self._write_shard(shard, ranges[shard], parts)
-                    parts = []
+                    results, copied = _to_host_float16(mean, std, text)
+                encoding += time.perf_counter() - started
+                # The previous batch is finished (and its shard written) while the device encodes this one:
+                # the host's work between batches no longer leaves the GPU idle.
+                if pending is not None:
+                    finish(*pending)
+                pending = (b, batch, results, copied)
+            if pending is not None:
+                finish(*pending)
         bound = "decoding images: more data.datamodule.num_workers" if waited > encoding else "the encoders"
         log.info("cache: %.1f s waiting for decoded images, %.1f s encoding (bound by %s)", waited, encoding, bound)
         return metas

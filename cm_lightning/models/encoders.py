@@ -92,7 +92,9 @@ class FrozenEncoders:
             return_tensors="pt",
         ).input_ids
         # No attention mask: SD1.5 was trained on the embeddings of the padded sequence.
-        return self.text_forward(ids.to(self.device)).float()
+        # to a GPU as a pinned, queued copy: the host does not wait there for the GPU's earlier work (cache build)
+        ids = ids.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else ids.to(self.device)
+        return self.text_forward(ids).float()
 
     @torch.inference_mode()
     def decode_latents(self, latents: Tensor) -> Tensor:

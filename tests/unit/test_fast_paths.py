@@ -333,3 +333,40 @@ def test_sample_compile_compiles_the_unet_blocks_and_the_vae_decoder(tiny_sd_pat
     compiled.clear()
     pipeline.load_drawer(load_components(str(tiny_sd_path)), None)
     assert compiled == []  # off by default
+
+
+@needs_gpu
+def test_cache_build_overlapping_batches_keeps_every_batch_intact(tiny_sd_path, tmp_path, monkeypatch):
+    """The cache build queues each batch's copies to the host and finishes the previous batch while the GPU encodes
+    the next: the cache holds what a build that waits for every batch holds, even when the GPU runs far behind the
+    host (a sleep queued before every encode, so that reading a copy before it lands would read garbage)."""
+    from cm_lightning.data import cache as cache_module
+    from cm_lightning.data.cache import LatentCache
+    from cm_lightning.models.encoders import FrozenEncoders
+    from cm_lightning.shapes.world import ShapesSource
+
+    encoders = FrozenEncoders.from_components(load_components(str(tiny_sd_path)), device="cuda", dtype=torch.float32)
+    encode_images = encoders.encode_images
+
+    def slow_encode(pixels):
+        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time before each batch's encode
+        return encode_images(pixels)
+
+    def build(root, overlapped: bool):
+        if not overlapped:  # the plain build: every copy waited for where it is made
+            monkeypatch.setattr(cache_module, "_to_host_float16",
+                                lambda *ts: (tuple(t.to("cpu", torch.float16) for t in ts), None))
+        cache = LatentCache(ShapesSource(40, image_size=32), root=root, resolution=32, encoders=encoders,
+                            encode_batch_size=4, shard_size=12, progress=False, num_workers=0)
+        cache.build()
+        monkeypatch.undo()
+        return cache.load()
+
+    monkeypatch.setattr(encoders, "encode_images", slow_encode)
+    overlapped = build(tmp_path / "overlapped", True)
+    monkeypatch.setattr(encoders, "encode_images", slow_encode)
+    plain = build(tmp_path / "plain", False)
+    for name in ("latent_mean", "latent_std", "text_embeds"):
+        torch.testing.assert_close(getattr(overlapped, name), getattr(plain, name), atol=1e-3, rtol=1e-3)
+    assert overlapped.keys == plain.keys and len(overlapped.keys) == 40
+    assert not torch.equal(overlapped.latent_mean[0], overlapped.latent_mean[1])  # distinct images, not one copied
