@@ -358,21 +358,26 @@ class LatentCache:
 
         with torch.no_grad(), bar:
             for b in range(len(batches)):
-                started = time.perf_counter()
-                batch = next(batches_in)
-                waited += time.perf_counter() - started
-                started = time.perf_counter()
                 results, copied = None, None
-                if batch.indices:
-                    text = self.encoders.encode_prompts(batch.captions)  # first: its tokenizer runs on the host
-                    pixels = bytes_to_unit_range(batch.pixels.to(self.encoders.device, non_blocking=True))
-                    mean, std = self.encoders.encode_images(pixels)
-                    if mean.shape[1:] != (4, h, h) or std.shape != mean.shape or text.shape[0] != len(mean):
-                        raise RuntimeError(
-                            f"encoders returned latents {tuple(mean.shape)}/{tuple(std.shape)} and text "
-                            f"{tuple(text.shape)} for {len(batch.indices)} images at resolution "
-                            f"{self.resolution}; expected [b,4,{h},{h}] and [b,77,D]")
-                    results, copied = _to_host_float16(mean, std, text)
+                try:
+                    started = time.perf_counter()
+                    batch = next(batches_in)
+                    waited += time.perf_counter() - started
+                    started = time.perf_counter()
+                    if batch.indices:
+                        text = self.encoders.encode_prompts(batch.captions)  # first: its tokenizer runs on the host
+                        pixels = bytes_to_unit_range(batch.pixels.to(self.encoders.device, non_blocking=True))
+                        mean, std = self.encoders.encode_images(pixels)
+                        if mean.shape[1:] != (4, h, h) or std.shape != mean.shape or text.shape[0] != len(mean):
+                            raise RuntimeError(
+                                f"encoders returned latents {tuple(mean.shape)}/{tuple(std.shape)} and text "
+                                f"{tuple(text.shape)} for {len(batch.indices)} images at resolution "
+                                f"{self.resolution}; expected [b,4,{h},{h}] and [b,77,D]")
+                        results, copied = _to_host_float16(mean, std, text)
+                except BaseException:
+                    if pending is not None:  # keep what was encoded: its shard is written if this batch was its last
+                        finish(*pending)
+                    raise
                 encoding += time.perf_counter() - started
                 # The previous batch is finished (and its shard written) while the device encodes this one:
                 # the host's work between batches no longer leaves the GPU idle.
