@@ -21,7 +21,7 @@ def prepare(cfg: DictConfig) -> str:
     check_train_config(cfg)  # before any weights are read
     components = load_model(cfg.model)
     encoders = FrozenEncoders.from_components(
-        components, device=compute_device(cfg.trainer.accelerator, cfg.trainer.get("benchmark", True)),
+        components, device=compute_device(cfg.trainer.accelerator),  # (the build itself runs without cuDNN's autotuner)
         dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
     )
     datamodule = build(cfg.data.datamodule)

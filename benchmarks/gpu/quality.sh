@@ -30,7 +30,8 @@ PY
 )
 echo "teacher guidance chosen: g=$G"; [ -n "$G" ] || G=3.0
 COMMON=(experiment=shapes_distill teacher_guidance.min=$G teacher_guidance.max=$G data.datamodule.num_workers=2 data.datamodule.progress=false
-        trainer.max_time=$MAX_TIME batch_size=256 lora.rank=32 optimizer.lr=3e-4 callbacks.validation.teacher_guidance=$G)
+        trainer.max_time=$MAX_TIME batch_size=256 lora.rank=32 optimizer.lr=3e-4 callbacks.validation.teacher_guidance=$G
+        ${QUALITY_EXTRA:-})   # QUALITY_EXTRA: more overrides for every run, e.g. method.module.half_precision_roles=[]
 python3 -m cm_lightning.prepare "${COMMON[@]}" hydra.run.dir=$RUNS/prepare 2>&1 | tail -3
 start=$(date +%s)
 # STEPS caps every method; STEPS_CT caps CT alone (an equal-steps rerun of a table whose CT ran more steps)

@@ -34,6 +34,7 @@ import logging
 import os
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,18 @@ class _SourceImages(Dataset):
         except Exception as error:  # noqa: BLE001 - any failure of one item is that item's problem
             log.debug("cache: %s unreadable: %r", key, error)
             return ("bad", index, key, "unreadable")
+
+
+@contextmanager
+def _cudnn_autotuner_off():
+    """cuDNN's autotuner off inside (the cache build, whether `prepare` or `train` runs it), as it was after: on an
+    H200 it found the VAE encoder no faster kernel and cost the first batch seconds (benchmarks/speed.md, call 13:
+    133.0 images/s without it, 120.5 with it, one after the other on one GPU)."""
+    autotune, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = autotune
 
 
 def _to_host_float16(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.cuda.Event | None]:
@@ -356,7 +369,7 @@ class LatentCache:
                 metas[shard] = self._write_shard(shard, ranges[shard], parts)
                 parts = []
 
-        with torch.no_grad(), bar:
+        with torch.no_grad(), bar, _cudnn_autotuner_off():
             for b in range(len(batches)):
                 results, copied = None, None
                 try:

@@ -140,3 +140,18 @@ def test_too_many_index_drops_fail_before_encoding(tmp_path, fake_encoders):
     with pytest.raises(UserError, match="images/000000.jpg"):
         make_cache(tmp_path, FlakySource(10, {}, index_drops=5), enc).build()
     assert enc.calls == 0
+
+
+def test_build_runs_without_cudnn_autotuner_and_restores_it(tmp_path, fake_encoders, monkeypatch):
+    """The cache build turns cuDNN's autotuner off (no gain for the encoder, seconds lost at its first batch) and
+    leaves it as it found it, also when the build fails."""
+    enc, seen = fake_encoders(), []
+    encode_images = enc.encode_images
+    monkeypatch.setattr(enc, "encode_images", lambda pixels: (seen.append(torch.backends.cudnn.benchmark),
+                                                              encode_images(pixels))[1])
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    make_cache(tmp_path / "a", encoders=enc).build()
+    assert seen and not any(seen) and torch.backends.cudnn.benchmark is True
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make_cache(tmp_path / "b", encoders=fake_encoders(fail_on_call=2)).build()
+    assert torch.backends.cudnn.benchmark is True
