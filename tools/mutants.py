@@ -177,6 +177,20 @@ MUTANTS = [
     Mutant("fused LoRA merge without the alpha / rank scale (lora_forward=merged_fused)", "cm_lightning/models/lora.py",
            "alpha=scale).reshape(weight.shape)", "alpha=1.0).reshape(weight.shape)",
            ("tests/unit/test_fast_paths.py::test_merged_lora_forward_gives_peft_outputs_and_gradients",)),
+    # ---- checkpoints and the cache build (session 7)
+    Mutant("last.ckpt never written after training (stale when training stopped between step checkpoints)",
+           "cm_lightning/train.py", "    if not last_checkpoint_is_final(trainer, run_state, last):", "    if False:",
+           ("tests/integration/test_train.py::test_last_checkpoint_is_the_final_step_written_once",)),
+    Mutant("cache build: a crash drops the batch before it (and its finished shard)", "cm_lightning/data/cache.py",
+           "                    if pending is not None:  # keep what was encoded: its shard is written if this batch "
+           "was its last\n                        finish(*pending)\n", "",
+           ("tests/unit/test_cache.py::test_interrupted_build_resumes_to_identical_contents",)),
+    Mutant("cache build: the last batch never finished", "cm_lightning/data/cache.py",
+           "            if pending is not None:\n                finish(*pending)\n        bound", "        bound",
+           ("tests/unit/test_cache.py::test_build_loads_everything_then_reuses_without_encoding",)),
+    Mutant("cache build leaves cuDNN's autotuner off", "cm_lightning/data/cache.py",
+           "        torch.backends.cudnn.benchmark = autotune", "        torch.backends.cudnn.benchmark = False",
+           ("tests/unit/test_cache.py::test_build_runs_without_cudnn_autotuner_and_restores_it",)),
     # ---- options: EMA and curriculum
     Mutant("target EMA updated every micro-batch", "cm_lightning/methods/base.py",
            "if self.ema is not None and self.global_step != self._ema_step:", "if self.ema is not None:",
