@@ -135,6 +135,8 @@ TRAIN_VARIANTS = {
     "cd_merged_fp16": ["method=cd", "trainer.precision=16-mixed", "method.module.gradient_checkpointing=false"],
     "cd": ["method=cd"],
     "cd_ckpt": ["method=cd", "method.module.gradient_checkpointing=true"],
+    "mcd_ckpt": ["method=mcd", "boundaries=4", "method.module.gradient_checkpointing=true"],
+    "ct_ckpt": ["method=ct", "method.module.gradient_checkpointing=true"],
     "mcd": ["method=mcd", "boundaries=4"],
     "ct": ["method=ct"],
     "cd_compile": ["method=cd", "method.module.compile_blocks=true"],
