@@ -8,6 +8,7 @@ diffusers format under the run folder (``outputs/train/<method>/<time>/``).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -139,9 +140,12 @@ def last_checkpoint_is_final(trainer: L.Trainer, run_state: RunState, last: Path
     """Whether ModelCheckpoint already wrote ``last`` at the final step (then saving it again would only cost
     another write of the LoRA, its optimizer state and EMA, ~1 GB at SD1.5 size)."""
     callback = trainer.checkpoint_callback
+    # the same answer on every rank (no look at the files, which only rank 0 writes): under DDP a rank that saved
+    # while another did not would wait in the save's barrier forever
     return (isinstance(callback, ModelCheckpoint) and bool(callback.save_last)
             and run_state.saved_at_step == trainer.global_step
-            and Path(callback.last_model_path or "").resolve() == last.resolve() and last.exists())
+            and Path(callback.last_model_path or "").name == last.name
+            and os.path.realpath(callback.dirpath or "") == os.path.realpath(last.parent))
 
 
 @checked_command_line("train")
