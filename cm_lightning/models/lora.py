@@ -171,8 +171,9 @@ def use_merged_lora_forward(unet: torch.nn.Module, low_rank_backward: bool = Tru
     dropout, other LoRA variants, merged or switched-off adapters and mixed-adapter batches keep peft's path.
     ``fused_merge`` (with the rank-r backward) rebuilds W' as one GEMM in the base weights' dtype,
     ``addmm(W, B, A, alpha=scale)``, instead of a float32 B A, a scale, a cast and an add: one pass over W instead
-    of about six (the merge's float32 GEMMs alone take ~5 ms of a CD step at SD1.5 size, benchmarks/speed.md session
-    6; the switch itself is not yet timed); A and B are rounded to that dtype first. Returns the layers switched.
+    of about six (measured at SD1.5 size: -3.5 ms in each LoRA phase of a CD step, benchmarks/speed.md session 7; the
+    training default, ``lora_forward=merged_fused``); A and B are rounded to that dtype first. Returns the layers
+    switched.
     """
     from peft.tuners.lora import layer as lora_layers
 
