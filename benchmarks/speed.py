@@ -4,7 +4,8 @@ What it measures, each section written to ``--out`` (JSON) as soon as it is done
   machine   the card, torch, and its measured bf16 matmul rate (the MFU denominator);
   prepare   ``python -m cm_lightning.prepare`` on a generated COCO-layout folder: images/s of the cache build;
             (``prepare_trace``: the same build traced in-process, GPU kernel time against wall time per batch;
-            ``prepare_nobenchmark``: the build without cuDNN's autotuner, into a cache of its own);
+            ``prepare_nobenchmark``: a second build into a cache of its own, with ``trainer.benchmark=false``: since
+            14595a2 the build never autotunes, so it equals ``prepare``; call 13 measured the difference before);
   train     ``python -m cm_lightning.train`` per variant (method, LoRA forward, precision, checkpointing) with the
             ``StepProfiler`` callback: median step, samples/s, MFU, peak memory, per-phase GPU time, first step;
   reference a loop written the way diffusers' LCM-LoRA example trains (two UNet copies, VAE + text encode every
@@ -165,7 +166,7 @@ TRAIN_VARIANTS = {
     "cd_trace_graphs": ["method=cd", "+callbacks.step_profiler.kernel_trace=3"],  # kernels replayed from graphs
     "cd_cl_trace": ["method=cd", "method.module.cuda_graphs=false", "method.module.channels_last=true",
                     "+callbacks.step_profiler.kernel_trace=3"],
-    "cd_merged_fused": ["method=cd", "method.module.lora_forward=merged_fused"],  # W' as one bf16 GEMM
+    "cd_merged_fused": ["method=cd", "method.module.lora_forward=merged_fused"],  # W' as one bf16 GEMM (= cd now)
     "cd_merged": ["method=cd", "method.module.lora_forward=merged"],  # session 6's default: fp32 B A, cast, add
     "cd_compile_cl": ["method=cd", "method.module.compile_blocks=true", "method.module.channels_last=true"],
     "cd_sdpa_default": ["method=cd", "method.module.sdpa_backends={student:default,teacher:default,target:default}"],
@@ -404,7 +405,7 @@ def main() -> None:
         results["prepare"] = measure_prepare(args, overrides, env)
         save(results, args.out)
         print("prepare", results["prepare"].get("images_per_s"), "images/s", flush=True)
-    if "prepare_nobenchmark" in sections:  # the cuDNN autotuner's cost at the first batch, against its gain
+    if "prepare_nobenchmark" in sections:  # a second, independent build (see the docstring)
         results["prepare_nobenchmark"] = measure_prepare(args, overrides + ["trainer.benchmark=false"], env,
                                                          "prepare_nobenchmark")
         save(results, args.out)
