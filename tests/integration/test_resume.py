@@ -68,7 +68,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         train(compose("train", overrides=[*overrides(cache, killed), "ckpt_path=last"]))
 
     reference, resumed = losses(whole), losses(killed)
-    assert sorted(reference) == list(range(10)) and set(resumed) == set(reference)
+    assert sorted(reference) == list(range(10))
+    # Lightning saves a step's checkpoint (on_train_batch_end) before it hands that step's metrics to the logger:
+    # a kill between the two loses that one row, and the resumed run starts after it. No other row may be missing.
+    missing = set(reference) - set(resumed)
+    assert missing <= {stopped_at - 1}, f"steps {sorted(missing)} have no train/loss row (resumed at {stopped_at})"
+    assert set(resumed) <= set(reference)
     for step, values in resumed.items():  # steps replayed after the last checkpoint must agree too
         for value in values:
             assert value == pytest.approx(reference[step][0], rel=1e-4, abs=1e-6), step
