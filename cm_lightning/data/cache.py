@@ -24,6 +24,7 @@ The encoders follow this duck-typed interface (``cm_lightning.models.encoders.Fr
     encode_images(pixels [B,3,H,W] in [-1,1]) -> (mean, std) [B,4,H/s,W/s], already scaled
     encode_prompts(prompts: list[str]) -> [B,77,D]
     identity() -> dict   # JSON-able; identifies the weights
+    compile_image_encoder()   # only when the cache's compile_image_encoder is set
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ class LatentCache:
 
     def __init__(self, source: CaptionedImageSource, *, root: str | os.PathLike, resolution: int,
                  encoders: Any | None = None, encode_batch_size: int = 32, num_workers: int = 0,
-                 max_bad_fraction: float = 0.05, progress: bool = True, shard_size: int = 512):
+                 max_bad_fraction: float = 0.05, progress: bool = True, shard_size: int = 512,
+                 compile_image_encoder: bool = False):
         if resolution <= 0:
             raise UserError(f"cache resolution={resolution} must be positive")
         if encode_batch_size <= 0 or shard_size <= 0:
@@ -198,6 +200,7 @@ class LatentCache:
         self.encoders = encoders
         self.encode_batch_size, self.num_workers = encode_batch_size, num_workers
         self.max_bad_fraction, self.progress, self.shard_size = max_bad_fraction, progress, shard_size
+        self.compile_image_encoder = compile_image_encoder
         self._key: dict | None = None
 
     # ---- where the cache lives -------------------------------------------------------------------
@@ -349,6 +352,9 @@ class LatentCache:
                             num_workers=self.num_workers, collate_fn=_collate,
                             pin_memory=self.encoders.device.type == "cuda")
         h = self.resolution // self.encoders.vae_scale
+        if self.compile_image_encoder:  # a fixed cost (compiling) for a faster encode: for large builds
+            log.info("cache: compiling the VAE encoder at the first batch (minutes on a cold Inductor cache)")
+            self.encoders.compile_image_encoder()
         metas, parts = {}, []
         bar = tqdm(total=sum(len(b) for b in batches), desc=f"encoding {self.source.name}", unit="img",
                    disable=not self.progress)

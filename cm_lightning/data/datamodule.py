@@ -118,7 +118,7 @@ class LatentDataModule(LightningDataModule):
 
     def __init__(self, source: CaptionedImageSource, *, cache_root: str, resolution: int, batch_size: int = 8,
                  num_workers: int = 0, encode_batch_size: int = 32, max_bad_fraction: float = 0.05,
-                 progress: bool = True, seed: int = 0):
+                 progress: bool = True, seed: int = 0, compile_image_encoder: bool = False):
         super().__init__()
         if batch_size <= 0:
             raise UserError(f"data batch_size={batch_size} must be positive")
@@ -127,6 +127,7 @@ class LatentDataModule(LightningDataModule):
         self.source, self.cache_root, self.resolution = source, os.fspath(cache_root), resolution
         self.batch_size, self.num_workers, self.encode_batch_size = batch_size, num_workers, encode_batch_size
         self.max_bad_fraction, self.progress, self.seed = max_bad_fraction, progress, seed
+        self.compile_image_encoder = compile_image_encoder
         self.encoders: Any | None = None
         self._cache: LatentCache | None = None
         self.cache_data: CacheReader | None = None
@@ -143,7 +144,7 @@ class LatentDataModule(LightningDataModule):
             self._cache = LatentCache(self.source, root=self.cache_root, resolution=self.resolution,
                                       encoders=self.encoders, encode_batch_size=self.encode_batch_size,
                                       num_workers=self.num_workers, max_bad_fraction=self.max_bad_fraction,
-                                      progress=self.progress)
+                                      progress=self.progress, compile_image_encoder=self.compile_image_encoder)
         return self._cache
 
     def prepare_data(self) -> None:

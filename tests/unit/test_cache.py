@@ -155,3 +155,16 @@ def test_build_runs_without_cudnn_autotuner_and_restores_it(tmp_path, fake_encod
     with pytest.raises(RuntimeError, match="simulated crash"):
         make_cache(tmp_path / "b", encoders=fake_encoders(fail_on_call=2)).build()
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_compile_image_encoder_compiles_once_before_the_first_batch(tmp_path, fake_encoders, monkeypatch):
+    """The cache's switch reaches the encoders once, before any image is encoded; off by default."""
+    enc, events = fake_encoders(), []
+    encode_images = enc.encode_images
+    monkeypatch.setattr(enc, "compile_image_encoder", lambda: events.append("compile"), raising=False)
+    monkeypatch.setattr(enc, "encode_images", lambda pixels: (events.append("encode"), encode_images(pixels))[1])
+    make_cache(tmp_path / "a", encoders=enc, compile_image_encoder=True).build()
+    assert events[0] == "compile" and events.count("compile") == 1 and events.count("encode") == 5
+    events.clear()
+    make_cache(tmp_path / "b", encoders=enc).build()
+    assert "compile" not in events and events.count("encode") == 5

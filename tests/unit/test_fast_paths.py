@@ -370,3 +370,30 @@ def test_cache_build_overlapping_batches_keeps_every_batch_intact(tiny_sd_path, 
         torch.testing.assert_close(getattr(overlapped, name), getattr(plain, name), atol=1e-3, rtol=1e-3)
     assert overlapped.keys == plain.keys and len(overlapped.keys) == 40
     assert not torch.equal(overlapped.latent_mean[0], overlapped.latent_mean[1])  # distinct images, not one copied
+
+
+@pytest.mark.parametrize("device, dtype, tolerance", [
+    ("cpu", torch.float32, 1e-5),
+    pytest.param("cuda", torch.bfloat16, 2e-2, marks=needs_gpu),
+])
+def test_compiled_image_encoder_encodes_what_the_eager_one_does(tiny_sd_path, device, dtype, tolerance):
+    """`compile_image_encoder` (the cache build's switch): the compiled VAE encode gives the eager posterior; a batch
+    of another shape (a build's last, partial batch) runs eagerly instead of compiling again."""
+    from torch._dynamo.utils import counters
+
+    from cm_lightning.models.encoders import FrozenEncoders
+
+    encoders = FrozenEncoders.from_components(load_components(str(tiny_sd_path)), device=device, dtype=dtype)
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    eager = encoders.encode_images(pixels), encoders.encode_images(pixels[:3])
+    torch._dynamo.reset()
+    counters.clear()
+    encoders.compile_image_encoder()
+    compiled = encoders.encode_images(pixels)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # it did compile
+    partial = encoders.encode_images(pixels[:3])
+    assert counters["stats"]["unique_graphs"] == graphs  # the partial batch did not compile again
+    for got, want in zip((*compiled, *partial), (*eager[0], *eager[1])):
+        torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+    assert not torch.equal(compiled[0][0], compiled[0][1])
