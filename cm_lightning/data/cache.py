@@ -358,7 +358,8 @@ class LatentCache:
         metas, parts = {}, []
         bar = tqdm(total=sum(len(b) for b in batches), desc=f"encoding {self.source.name}", unit="img",
                    disable=not self.progress)
-        waited = encoding = 0.0  # where the build's time goes: decoding images (workers) or encoding (the device)
+        # where the build's time goes: decoding images (workers) or encoding (the device)
+        waited = encoding = first_batch = 0.0
         batches_in = iter(loader)
         pending = None  # the previous batch: its results still on their way to the host
 
@@ -398,6 +399,8 @@ class LatentCache:
                         finish(*pending)
                     raise
                 encoding += time.perf_counter() - started
+                if b == 0:  # the workers' start-up and, with compile_image_encoder, the compile are in it
+                    first_batch = waited + encoding
                 # The previous batch is finished (and its shard written) while the device encodes this one:
                 # the host's work between batches no longer leaves the GPU idle.
                 if pending is not None:
@@ -406,7 +409,8 @@ class LatentCache:
             if pending is not None:
                 finish(*pending)
         bound = "decoding images: more data.datamodule.num_workers" if waited > encoding else "the encoders"
-        log.info("cache: %.1f s waiting for decoded images, %.1f s encoding (bound by %s)", waited, encoding, bound)
+        log.info("cache: %.1f s waiting for decoded images, %.1f s encoding (bound by %s); the first batch %.1f s",
+                 waited, encoding, bound, first_batch)
         return metas
 
     def _write_shard(self, shard: int, span: tuple[int, int], parts: list) -> dict:
