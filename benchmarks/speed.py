@@ -364,7 +364,7 @@ def calibrate_attention(args, device: torch.device) -> dict:
             except RuntimeError as error:  # a backend that does not take these shapes
                 out[f"{name}_{label}"] = f"failed: {str(error).splitlines()[0][:160]}"
     print("attention", out, flush=True)
-    del unet
+    unet = None  # (the closures above read it) freed before the next section
     torch.cuda.empty_cache()
     return out
 
