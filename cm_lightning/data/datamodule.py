@@ -118,7 +118,7 @@ class LatentDataModule(LightningDataModule):
 
     def __init__(self, source: CaptionedImageSource, *, cache_root: str, resolution: int, batch_size: int = 8,
                  num_workers: int = 0, encode_batch_size: int = 32, max_bad_fraction: float = 0.05,
-                 progress: bool = True, seed: int = 0, compile_image_encoder: bool = False):
+                 progress: bool = True, seed: int = 0, compile_image_encoder: bool | str = "auto"):
         super().__init__()
         if batch_size <= 0:
             raise UserError(f"data batch_size={batch_size} must be positive")

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from cm_lightning.data.cache import LatentCache
+from cm_lightning.data.cache import AUTO_COMPILE_ENCODER_MIN_IMAGES, LatentCache, compiles_image_encoder
 from cm_lightning.shapes.world import ShapesSource
 from cm_lightning.data.sources import BadSample, SkipReport
 from cm_lightning.errors import UserError
@@ -158,7 +158,8 @@ def test_build_runs_without_cudnn_autotuner_and_restores_it(tmp_path, fake_encod
 
 
 def test_compile_image_encoder_compiles_once_before_the_first_batch(tmp_path, fake_encoders, monkeypatch):
-    """The cache's switch reaches the encoders once, before any image is encoded; off by default."""
+    """The cache's switch reaches the encoders once, before any image is encoded; "auto" (the default) leaves a small
+    build, or one off the GPU, eager."""
     enc, events = fake_encoders(), []
     encode_images = enc.encode_images
     monkeypatch.setattr(enc, "compile_image_encoder", lambda: events.append("compile"), raising=False)
@@ -168,3 +169,20 @@ def test_compile_image_encoder_compiles_once_before_the_first_batch(tmp_path, fa
     events.clear()
     make_cache(tmp_path / "b", encoders=enc).build()
     assert "compile" not in events and events.count("encode") == 5
+
+
+@pytest.mark.parametrize("setting, device, images, compiles", [
+    (True, "cpu", 1, True), (False, "cuda", 10**6, False),
+    ("auto", "cuda", AUTO_COMPILE_ENCODER_MIN_IMAGES, True), ("auto", "cuda", AUTO_COMPILE_ENCODER_MIN_IMAGES - 1, False),
+    ("auto", "cpu", 10**6, False),
+])
+def test_auto_compiles_the_image_encoder_for_large_builds_on_a_gpu(setting, device, images, compiles):
+    assert compiles_image_encoder(setting, torch.device(device), images) is compiles
+    if setting == "auto" and compiles:  # counted in 512 px images: the same number of 256 px images is a small build
+        assert not compiles_image_encoder(setting, torch.device(device), images, resolution=256)
+        assert compiles_image_encoder(setting, torch.device(device), images * 4, resolution=256)
+
+
+def test_a_bad_compile_setting_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="compile_image_encoder='yes'"):
+        make_cache(tmp_path, compile_image_encoder="yes")
