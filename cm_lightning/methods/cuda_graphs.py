@@ -19,6 +19,7 @@ is used under one state only), data-dependent host decisions inside the UNet (th
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -60,7 +61,11 @@ class CudaGraphNetwork:
         key = tuple((tuple(v.shape), v.dtype) for v in inputs) + (torch.is_grad_enabled(),)
         if key not in self.graphs:
             try:
+                started = time.perf_counter()
                 self.graphs[key] = self._capture(inputs)
+                # a one-off per shape (warm-up calls with cuDNN's autotuning, then the capture): the run's start-up
+                log.info("CUDA graph captured for a batch of %d in %.1f s", inputs[0].shape[0],
+                         time.perf_counter() - started)
             except RuntimeError as error:  # never lose a run to a capture: say so once and stay eager
                 log.warning("CUDA graph capture failed (%s); running eagerly", str(error).splitlines()[0])
                 self.graphs[key] = None
@@ -124,11 +129,14 @@ class GraphedStudent:
         if usable and self.graphed is None:
             self.key = key
             try:
+                started = time.perf_counter()
                 with _autocast(self.autocast_dtype), sdpa_preference(self.sdpa):
                     self.graphed = torch.cuda.make_graphed_callables(
                         _UNetCall(self.call.unet), (x.detach().clone(), t.clone(), context.detach().clone()),
                         num_warmup_iters=3, allow_unused_input=True,
                     )
+                log.info("CUDA graphs of the student's forward and backward captured in %.1f s",
+                         time.perf_counter() - started)
             except RuntimeError as error:  # never lose a run to a capture: say so once and stay eager
                 log.warning("CUDA graph capture of the student failed (%s); running it eagerly",
                             str(error).splitlines()[0])
