@@ -191,6 +191,16 @@ MUTANTS = [
     Mutant("cache build leaves cuDNN's autotuner off", "cm_lightning/data/cache.py",
            "        torch.backends.cudnn.benchmark = autotune", "        torch.backends.cudnn.benchmark = False",
            ("tests/unit/test_cache.py::test_build_runs_without_cudnn_autotuner_and_restores_it",)),
+    # ---- the compiled VAE encode of the cache build (session 8)
+    Mutant("compiled encoder: a partial batch compiles again", "cm_lightning/models/encoders.py",
+           "self._compiled_shape in (None, pixels.shape)", "True",
+           ("tests/unit/test_fast_paths.py::test_compiled_image_encoder_encodes_what_the_eager_one_does",)),
+    Mutant("compile_image_encoder=auto ignores the resolution", "cm_lightning/data/cache.py",
+           "pixels_in_512px_images = images * (resolution / 512) ** 2", "pixels_in_512px_images = images",
+           ("tests/unit/test_cache.py::test_auto_compiles_the_image_encoder_for_large_builds_on_a_gpu",)),
+    Mutant("compile_image_encoder=true never reaches the encoders", "cm_lightning/data/cache.py",
+           "            self.encoders.compile_image_encoder()\n", "",
+           ("tests/unit/test_cache.py::test_compile_image_encoder_compiles_once_before_the_first_batch",)),
     # ---- options: EMA and curriculum
     Mutant("target EMA updated every micro-batch", "cm_lightning/methods/base.py",
            "if self.ema is not None and self.global_step != self._ema_step:", "if self.ema is not None:",
