@@ -193,8 +193,12 @@ MUTANTS = [
            ("tests/unit/test_cache.py::test_build_runs_without_cudnn_autotuner_and_restores_it",)),
     # ---- the compiled VAE encode of the cache build (session 8)
     Mutant("compiled encoder: a partial batch compiles again", "cm_lightning/models/encoders.py",
-           "self._compiled_shape in (None, pixels.shape)", "True",
+           "if self._compiled_encode is not None and self._compiled_shape == pixels.shape:",
+           "if self._compiled_encode is not None:",
            ("tests/unit/test_fast_paths.py::test_compiled_image_encoder_encodes_what_the_eager_one_does",)),
+    Mutant("compiled encoder: a failed compile fails the build", "cm_lightning/models/encoders.py",
+           "            except Exception as error:  # e.g. no C compiler", "            except ImportError as error:  # e.g. no C compiler",
+           ("tests/unit/test_fast_paths.py::test_a_failed_encoder_compile_leaves_the_eager_encode",)),
     Mutant("compile_image_encoder=auto ignores the resolution", "cm_lightning/data/cache.py",
            "pixels_in_512px_images = images * (resolution / 512) ** 2", "pixels_in_512px_images = images",
            ("tests/unit/test_cache.py::test_auto_compiles_the_image_encoder_for_large_builds_on_a_gpu",)),

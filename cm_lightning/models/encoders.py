@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 
 import torch
@@ -17,6 +18,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from cm_lightning.errors import UserError
 from cm_lightning.models.components import SDComponents
+
+log = logging.getLogger(__name__)
 
 _SAMPLES_PER_TENSOR = 64  # values of each tensor that go into the weight fingerprint
 
@@ -81,16 +84,26 @@ class FrozenEncoders:
                 f"pixels must be [B, 3, H, W], H and W divisible by {self.vae_scale}: {tuple(pixels.shape)}"
             )
         pixels = pixels.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
-        encode = self._encode_posterior
-        if self._compiled_encode is not None and self._compiled_shape in (None, pixels.shape):
-            self._compiled_shape, encode = pixels.shape, self._compiled_encode
-        return encode(pixels)
+        if self._compiled_encode is not None and self._compiled_shape is None:  # the first call compiles
+            try:
+                encoded = self._compiled_encode(pixels)
+            except Exception as error:  # e.g. no C compiler for Triton: never lose a cache build to a compile
+                log.warning("cache: compiling the VAE encoder failed (%s: %s); encoding eagerly",
+                            type(error).__name__, (str(error).strip().splitlines() or [""])[0])
+                self._compiled_encode = None
+                return self._encode_posterior(pixels)
+            self._compiled_shape = pixels.shape
+            return encoded
+        if self._compiled_encode is not None and self._compiled_shape == pixels.shape:
+            return self._compiled_encode(pixels)
+        return self._encode_posterior(pixels)
 
     def compile_image_encoder(self) -> None:
         """``torch.compile`` :meth:`encode_images`' VAE call, for a cache build. At 512 px its bias adds, GroupNorms,
         SiLUs and cuDNN's layout transposes are memory-bound passes over full-resolution activations, about 70 % of
         the encoder's GPU time (benchmarks/speed.md); Inductor fuses them. Compiled for the first batch shape it
-        sees: other shapes (a build's last, partial batch) run eagerly rather than compile again."""
+        sees: other shapes (a build's last, partial batch) run eagerly rather than compile again. A compile that
+        fails at the first batch leaves a warning and the eager encode."""
         self._compiled_encode = torch.compile(self._encode_posterior, dynamic=False)
         self._compiled_shape = None
 

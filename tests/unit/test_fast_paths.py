@@ -397,3 +397,32 @@ def test_compiled_image_encoder_encodes_what_the_eager_one_does(tiny_sd_path, de
     for got, want in zip((*compiled, *partial), (*eager[0], *eager[1])):
         torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
     assert not torch.equal(compiled[0][0], compiled[0][1])
+
+
+def test_a_failed_encoder_compile_leaves_the_eager_encode(tiny_sd_path, monkeypatch, caplog):
+    """A compile that fails at the first batch (e.g. no C compiler for Triton) warns once and the build goes on
+    eagerly, with the eager posterior, and never tries the compiled function again."""
+    import logging
+
+    from cm_lightning.models import encoders as encoders_module
+    from cm_lightning.models.encoders import FrozenEncoders
+
+    attempts = []
+
+    def failing_compile(fn, **kwargs):
+        def compiled(*args):
+            attempts.append(1)
+            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+        return compiled
+
+    encoders = FrozenEncoders.from_components(load_components(str(tiny_sd_path)))
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    eager = encoders.encode_images(pixels)
+    monkeypatch.setattr(encoders_module.torch, "compile", failing_compile)
+    encoders.compile_image_encoder()
+    with caplog.at_level(logging.WARNING, logger="cm_lightning.models.encoders"):
+        first, second = encoders.encode_images(pixels), encoders.encode_images(pixels)
+    assert len(attempts) == 1 and "compiling the VAE encoder failed (RuntimeError: Failed to find C compiler" in caplog.text
+    for got in (first, second):
+        for a, b in zip(got, eager):
+            torch.testing.assert_close(a, b)
