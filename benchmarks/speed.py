@@ -181,6 +181,8 @@ TRAIN_VARIANTS = {
     "cd_compile_cl": ["method=cd", "method.module.compile_blocks=true", "method.module.channels_last=true"],
     "cd_compile_cl_warm": ["method=cd", "method.module.compile_blocks=true", "method.module.channels_last=true"],
     "cd_sdpa_default": ["method=cd", "method.module.sdpa_backends={student:default,teacher:default,target:default}"],
+    # start-up: cuDNN's attention builds an execution plan per shape at the first call (flash needs none)
+    "cd_flash": ["method=cd", "method.module.sdpa_backends={student:flash,teacher:flash,target:flash}"],
 }
 
 
