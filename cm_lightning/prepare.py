@@ -19,12 +19,12 @@ from .conf_dir import CONF_PATH
 
 def prepare(cfg: DictConfig) -> str:
     check_train_config(cfg)  # before any weights are read
+    datamodule = build(cfg.data.datamodule)  # checks the data's paths and settings, also before the weights
     components = load_model(cfg.model)
     encoders = FrozenEncoders.from_components(
         components, device=compute_device(cfg.trainer.accelerator),  # (the build itself runs without cuDNN's autotuner)
         dtype=parse_dtype(cfg.model.encoder_dtype, "model.encoder_dtype"),
     )
-    datamodule = build(cfg.data.datamodule)
     datamodule.attach_encoders(encoders)
     started = time.perf_counter()
     summary = datamodule.cache.build()

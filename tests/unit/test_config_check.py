@@ -69,6 +69,20 @@ def test_bad_configs_fail_before_any_weights_are_read(overrides, expected, no_we
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["data.datamodule.compile_image_encoder=yes"], "compile_image_encoder='yes' is not one of true"),
+    (["data=coco5k", "data.root=/no/such/coco"], "COCO root /no/such/coco"),
+])
+def test_prepare_checks_the_data_before_any_weights_are_read(overrides, expected, monkeypatch, tmp_path):
+    import cm_lightning.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "load_model", lambda *a, **k: pytest.fail("weights read before the data"))
+    cfg = compose_train(*TINY, *overrides, f"paths.output_dir={tmp_path}")
+    with pytest.raises(UserError, match=expected) as error:
+        prepare_module.prepare(cfg)
+    assert "\n" not in str(error.value)
+
+
 def test_mcd_takes_boundaries_and_defaults_to_four(tmp_path):
     assert compose_train("method=mcd").method.module.num_segments == 4
     assert compose_train("method=mcd", "boundaries=8").method.module.num_segments == 8
