@@ -185,6 +185,12 @@ def summary_line(encoded: int, total: int, skipped: Counter, examples: list[str]
 AUTO_COMPILE_ENCODER_MIN_IMAGES = 20_000
 
 
+def check_compile_image_encoder(setting: Any, field: str) -> None:
+    """One line naming ``field`` unless ``setting`` is true, false or "auto"."""
+    if setting not in (True, False, "auto"):
+        raise UserError(f"{field}={setting!r} is not one of true, false, auto")
+
+
 def compiles_image_encoder(setting: bool | str, device: torch.device, images: int, resolution: int = 512) -> bool:
     """Whether a build of ``images`` at ``resolution`` compiles the VAE encode: ``setting`` true or false, or "auto"
     (on a GPU, for builds of at least ``AUTO_COMPILE_ENCODER_MIN_IMAGES`` images' worth of 512 px pixels)."""
@@ -210,8 +216,7 @@ class LatentCache:
         if encode_batch_size <= 0 or shard_size <= 0:
             raise UserError(f"cache encode_batch_size={encode_batch_size} and shard_size={shard_size} "
                             "must be positive")
-        if compile_image_encoder not in (True, False, "auto"):
-            raise UserError(f"cache compile_image_encoder={compile_image_encoder!r} is not one of true, false, auto")
+        check_compile_image_encoder(compile_image_encoder, "cache compile_image_encoder")
         if not 0 <= max_bad_fraction <= 1:
             raise UserError(f"cache max_bad_fraction={max_bad_fraction} must be between 0 and 1")
         self.source, self.root, self.resolution = source, Path(root), resolution
@@ -370,13 +375,13 @@ class LatentCache:
                             num_workers=self.num_workers, collate_fn=_collate,
                             pin_memory=self.encoders.device.type == "cuda")
         h = self.resolution // self.encoders.vae_scale
-        if compiles_image_encoder(self.compile_image_encoder, self.encoders.device, sum(len(b) for b in batches),
-                                  self.resolution):
+        images = sum(len(b) for b in batches)
+        if compiles_image_encoder(self.compile_image_encoder, self.encoders.device, images, self.resolution):
             # its posteriors equal the eager encode's within bf16 rounding (a GPU test): the cache key stays the same
             log.info("cache: compiling the VAE encoder at the first batch (seconds to a minute on a cold cache)")
             self.encoders.compile_image_encoder()
         metas, parts = {}, []
-        bar = tqdm(total=sum(len(b) for b in batches), desc=f"encoding {self.source.name}", unit="img",
+        bar = tqdm(total=images, desc=f"encoding {self.source.name}", unit="img",
                    disable=not self.progress)
         # where the build's time goes: decoding images (workers) or encoding (the device)
         waited = encoding = first_batch = 0.0

@@ -84,19 +84,19 @@ class FrozenEncoders:
                 f"pixels must be [B, 3, H, W], H and W divisible by {self.vae_scale}: {tuple(pixels.shape)}"
             )
         pixels = pixels.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
-        if self._compiled_encode is not None and self._compiled_shape is None:  # the first call compiles
-            try:
-                encoded = self._compiled_encode(pixels)
-            except Exception as error:  # e.g. no C compiler for Triton: never lose a cache build to a compile
-                log.warning("cache: compiling the VAE encoder failed (%s: %s); encoding eagerly",
-                            type(error).__name__, (str(error).strip().splitlines() or [""])[0])
-                self._compiled_encode = None
-                return self._encode_posterior(pixels)
-            self._compiled_shape = pixels.shape
-            return encoded
-        if self._compiled_encode is not None and self._compiled_shape == pixels.shape:
+        if self._compiled_encode is None or self._compiled_shape not in (None, pixels.shape):
+            return self._encode_posterior(pixels)
+        if self._compiled_shape is not None:
             return self._compiled_encode(pixels)
-        return self._encode_posterior(pixels)
+        try:  # the first call compiles
+            encoded = self._compiled_encode(pixels)
+        except Exception as error:  # e.g. no C compiler for Triton: never lose a cache build to a compile
+            log.warning("cache: compiling the VAE encoder failed (%s: %s); encoding eagerly",
+                        type(error).__name__, (str(error).strip().splitlines() or [""])[0])
+            self._compiled_encode = None
+            return self._encode_posterior(pixels)
+        self._compiled_shape = pixels.shape
+        return encoded
 
     def compile_image_encoder(self) -> None:
         """``torch.compile`` :meth:`encode_images`' VAE call, for a cache build. At 512 px its bias adds, GroupNorms,
