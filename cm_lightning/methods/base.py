@@ -20,7 +20,7 @@ from ..diffusion.parameterization import Prediction
 from ..diffusion.samplers import Conditioning
 from ..diffusion.schedule import NoiseSchedule
 from ..models.attention import check_sdpa_choice, prefer_sdpa
-from ..models.compilation import compile_unet_blocks
+from ..models.compilation import compile_unet_blocks, eager_blocks
 from ..models.lora import LORA_FORWARDS, adapters_disabled, add_lora, cast_for_training, use_merged_lora_forward
 from .ema import EmaWeights
 from .latent_module import LatentTrainingModule
@@ -322,10 +322,11 @@ class ConsistencyModule(LatentTrainingModule):
     ) -> torch.Tensor:
         """Sample with this method's own sampler (CT/CD multistep, MCD edge jumps) from ``noise``."""
         cond = Conditioning(context, self.null_context, guidance_scale)
-        return generate_latents(
-            self.unet, self.schedule, self.sampler_kind, noise, cond, steps=steps or self.default_sample_steps(),
-            generator=generator, **self.sampler_options(),
-        )
+        with eager_blocks():
+            return generate_latents(
+                self.unet, self.schedule, self.sampler_kind, noise, cond, steps=steps or self.default_sample_steps(),
+                generator=generator, **self.sampler_options(),
+            )
 
     @contextmanager
     def weights_for_export(self) -> Iterator[None]:

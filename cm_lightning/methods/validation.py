@@ -26,6 +26,7 @@ from ..diffusion.samplers import Conditioning
 from ..eval.metrics import clip_score, teacher_gap
 from ..figures import image_grid
 from ..loggers import log_image
+from ..models.compilation import eager_blocks
 from ..models.lora import adapters_disabled
 from ..prompts import read_prompts
 from .sampling import generate_latents, renoise_generator
@@ -96,8 +97,9 @@ class TeacherGapValidation(L.Callback):
         for start in range(0, len(self.prompts), self.batch_size):
             prompts = self.prompts[start:start + self.batch_size]
             context = encoders.encode_prompts(prompts).to(module.device)
-            latents = draw_batch(noise[start:start + len(prompts)].to(module.device), context,
-                                 null.to(module.device), start)
+            with eager_blocks():  # a compiled run's blocks: not compiled again for the sampling shapes
+                latents = draw_batch(noise[start:start + len(prompts)].to(module.device), context,
+                                     null.to(module.device), start)
             images.append(encoders.decode_latents(latents.float().to(encoders.device)).float().cpu())
         return torch.cat(images)
 

@@ -19,17 +19,31 @@ def _allow_variants(count: int) -> None:
 
 
 def compile_unet_blocks(unet: torch.nn.Module) -> int:
-    """``torch.compile`` every transformer and ResNet block in place; returns how many (regional compilation)."""
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.resnet import ResnetBlock2D
+    """``torch.compile`` every transformer and ResNet block in place; returns how many (regional compilation).
 
-    blocks = [m for m in unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
+    The transformer region is the whole ``Transformer2DModel`` (its GroupNorm, the NCHW <-> token permutes, proj_in
+    and proj_out around the attention blocks), not only diffusers' ``_repeated_blocks`` (``BasicTransformerBlock``):
+    those outer ops are memory-bound glue too, and in channels-last an eager GroupNorm copies back to NCHW. SD1.5 has
+    one attention block per transformer, so the count of compiled shapes is the same.
+    """
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    blocks = [m for m in unet.modules() if isinstance(m, (Transformer2DModel, ResnetBlock2D))]
     # the blocks of one class share one compiled function per shape and role (teacher, target, student): SD1.5
     # needs more than dynamo's default of 8 variants per function before it gives up and runs the rest eagerly
-    _allow_variants(64)
+    # static shapes: with dynamo's default, the second block shape of a class recompiles one symbolic-shape graph for
+    # every later shape, whose kernels are slower than static ones (and which Inductor failed to lower for CPU)
+    _allow_variants(128)
     for block in blocks:
-        block.compile()
+        block.compile(dynamic=False)
     return len(blocks)
+
+
+def eager_blocks():
+    """Inside: compiled blocks run their eager code. For a training run's sampling (grids, validation): a few calls
+    of other shapes, where compiling each new shape would cost far more than it saves."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def compile_vae_decoder(vae: torch.nn.Module) -> None:
