@@ -178,8 +178,13 @@ TRAIN_VARIANTS = {
                     "+callbacks.step_profiler.kernel_trace=3"],
     "cd_merged_fused": ["method=cd", "method.module.lora_forward=merged_fused"],  # W' as one bf16 GEMM (= cd now)
     "cd_merged": ["method=cd", "method.module.lora_forward=merged"],  # session 6's default: fp32 B A, cast, add
+    # session 9: what compile_blocks=auto does for a long run (>= 10,000 steps): the blocks compiled (whole
+    # transformers and ResNet blocks, static shapes) in channels-last; cold, then from the Inductor cache
     "cd_compile_cl": ["method=cd", "method.module.compile_blocks=true", "method.module.channels_last=true"],
     "cd_compile_cl_warm": ["method=cd", "method.module.compile_blocks=true", "method.module.channels_last=true"],
+    "mcd_compile_cl": ["method=mcd", "boundaries=4", "method.module.compile_blocks=true",
+                       "method.module.channels_last=true"],
+    "ct_compile_cl": ["method=ct", "method.module.compile_blocks=true", "method.module.channels_last=true"],
     "cd_sdpa_default": ["method=cd", "method.module.sdpa_backends={student:default,teacher:default,target:default}"],
     # start-up: cuDNN's attention builds an execution plan per shape at the first call (flash needs none)
     "cd_flash": ["method=cd", "method.module.sdpa_backends={student:flash,teacher:flash,target:flash}"],

@@ -8,6 +8,7 @@ function (:meth:`consistency`) and the boundary a pair maps to (:meth:`boundary`
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Sequence
 
@@ -20,12 +21,14 @@ from ..diffusion.parameterization import Prediction
 from ..diffusion.samplers import Conditioning
 from ..diffusion.schedule import NoiseSchedule
 from ..models.attention import check_sdpa_choice, prefer_sdpa
-from ..models.compilation import compile_unet_blocks, eager_blocks
+from ..models.compilation import check_switch, compile_unet_blocks, compiles_blocks, eager_blocks
 from ..models.lora import LORA_FORWARDS, adapters_disabled, add_lora, cast_for_training, use_merged_lora_forward
 from .ema import EmaWeights
 from .latent_module import LatentTrainingModule
 from .cuda_graphs import CudaGraphNetwork, GraphedStudent
 from .sampling import SamplerKind, generate_latents, unet_network
+
+log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 
@@ -71,7 +74,9 @@ class ConsistencyModule(LatentTrainingModule):
             'merged_dense_backward' (the same forward, autograd's full-size gradient of W' folded into A and B) or
             'peft' (peft's own unmerged forward).
         compile_blocks: ``torch.compile`` each transformer and ResNet block of the UNet (regional compilation:
-            blocks of one shape share their compiled code, so compiling takes far less than the whole UNet).
+            blocks of one shape share their compiled code, so compiling takes far less than the whole UNet): True,
+            False, or 'auto' (on a GPU for runs of at least ``AUTO_COMPILE_MIN_STEPS`` planned steps without
+            gradient checkpointing: the compile costs minutes before the first step, the step is ~13 % faster).
         cuda_graphs: on GPUs, replay the teacher, the target and the student's forward and backward from CUDA
             graphs (the eager UNet at SD1.5 size and batch 8 is bound by the host, not the GPU). Off under gradient
             checkpointing (memory first) and an EMA target; anywhere else it falls back to eager by itself.
@@ -80,7 +85,8 @@ class ConsistencyModule(LatentTrainingModule):
             and their optimizer stay float32). Autocast upcasts every GroupNorm / LayerNorm to float32 and back:
             at SD1.5 size and batch 8 the CD step took 305 ms with every role under autocast and 244 ms with none
             (benchmarks/speed.md). Empty: every role under autocast.
-        channels_last: the UNet's convolutions in channels-last memory format (cuDNN's tensor-core layout).
+        channels_last: the UNet's convolutions in channels-last memory format (cuDNN's tensor-core layout): True,
+            False, or 'auto' (with compiled blocks only: eager channels-last loses its gain to GroupNorm's copies).
         sdpa_backends: the attention kernel each role tries first ('default' (torch's order), 'cudnn', 'flash',
             'efficient', 'math'; roles left out keep ``SDPA_BACKENDS``'s): a kernel that does not take a shape falls
             back to torch's next one.
@@ -104,10 +110,10 @@ class ConsistencyModule(LatentTrainingModule):
         ema_decay: float = 0.95,
         gradient_checkpointing: bool | str = "auto",
         lora_forward: str = "merged_fused",
-        compile_blocks: bool = False,
+        compile_blocks: bool | str = "auto",
         cuda_graphs: bool = True,
         half_precision_roles: Sequence[str] = ROLES,
-        channels_last: bool = False,
+        channels_last: bool | str = "auto",
         sdpa_backends: dict | None = None,
         sample_steps: int = 4,
     ):
@@ -129,6 +135,8 @@ class ConsistencyModule(LatentTrainingModule):
         if lora_forward != "peft":
             use_merged_lora_forward(unet, low_rank_backward=lora_forward != "merged_dense_backward",
                                     fused_merge=lora_forward == "merged_fused")
+        check_switch(compile_blocks, "method.compile_blocks")
+        check_switch(channels_last, "method.channels_last")
         self.compile_blocks = compile_blocks
         self.cuda_graphs = cuda_graphs
         unknown = set(half_precision_roles) - set(ROLES)
@@ -235,14 +243,19 @@ class ConsistencyModule(LatentTrainingModule):
         half = _HALF_DTYPES.get(precision.split("-")[0])
         if half is not None:  # frozen weights in the run's half dtype; LoRA stays float32 for the optimizer
             cast_for_training(self.unet, half)
-        if self.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-        if self.compile_blocks:
-            compile_unet_blocks(self.unet)
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         if self.gradient_checkpointing == "auto" and self._trainer is not None:
-            device = self.trainer.strategy.root_device
             if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < AUTO_CHECKPOINTING_GIB * 2**30:
                 self.unet.enable_gradient_checkpointing()
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        compiling = compiles_blocks(self.compile_blocks, device.type, max_steps, self.unet.is_gradient_checkpointing)
+        if self.channels_last is True or (self.channels_last == "auto" and compiling):
+            self.unet.to(memory_format=torch.channels_last)
+        if compiling:
+            if self.compile_blocks == "auto":
+                log.info("compiling the UNet's blocks (method.compile_blocks=auto: %d steps planned): the first step "
+                         "compiles them, minutes on a cold Inductor cache; compile_blocks=false skips it", max_steps)
+            compile_unet_blocks(self.unet)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()  # schedule and empty prompt to the device

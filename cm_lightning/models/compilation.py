@@ -10,6 +10,28 @@ from __future__ import annotations
 
 import torch
 
+# compile_blocks=auto compiles for runs of at least this many planned optimizer steps. Measured on an H200 (SD1.5,
+# CD, batch 8; benchmarks/speed.md session 9): the blocks compiled with channels-last save ~25 ms a step and cost
+# ~320 s more before the first step on a cold Inductor cache (~70 s from a warm one): break-even ~12,500 steps cold,
+# ~2,700 warm.
+AUTO_COMPILE_MIN_STEPS = 10_000
+SWITCH_VALUES = (True, False, "auto")
+
+
+def check_switch(value, name: str) -> None:
+    """A true / false / auto setting: anything else is one line naming the field."""
+    if not any(value is v if isinstance(v, bool) else value == v for v in SWITCH_VALUES):
+        raise ValueError(f"{name}={value!r} is not true, false or 'auto'")
+
+
+def compiles_blocks(setting: bool | str, device_type: str, max_steps: int, checkpointing: bool) -> bool:
+    """Whether training compiles the UNet's blocks: ``compile_blocks`` as given, or for ``auto`` on a GPU, for runs of
+    at least ``AUTO_COMPILE_MIN_STEPS`` planned steps (``max_steps``; -1, a run bounded by time alone, does not
+    count), without gradient checkpointing (a combination not measured)."""
+    if setting != "auto":
+        return bool(setting)
+    return device_type == "cuda" and max_steps >= AUTO_COMPILE_MIN_STEPS and not checkpointing
+
 
 def _allow_variants(count: int) -> None:
     # one compiled function serves every block of a class; each shape, grad mode and caller adds a variant
