@@ -32,6 +32,7 @@ STEPS = "tests/unit/test_method_steps.py::"
 OPTIONS = "tests/unit/test_training_options.py::"
 EXPORT = "tests/unit/test_export_grids.py::"
 PARITY = "tests/integration/test_export_parity.py::"
+COMPILE = "tests/unit/test_compile_blocks.py::"
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,18 @@ MUTANTS = [
     Mutant("compile_image_encoder=true never reaches the encoders", "cm_lightning/data/cache.py",
            "            self.encoders.compile_image_encoder()\n", "",
            ("tests/unit/test_cache.py::test_compile_image_encoder_compiles_once_before_the_first_batch",)),
+    Mutant("compile_blocks=auto compiles a run one step short of its threshold", "cm_lightning/models/compilation.py",
+           "max_steps >= AUTO_COMPILE_MIN_STEPS", "max_steps >= AUTO_COMPILE_MIN_STEPS - 1",
+           (COMPILE + "test_compile_blocks_auto_compiles_long_gpu_runs_only",)),
+    Mutant("channels_last=auto ignores the compile decision", "cm_lightning/methods/base.py",
+           "(self.channels_last == \"auto\" and compiling)", "(self.channels_last == \"auto\")",
+           (COMPILE + "test_setup_compiles_and_goes_channels_last_as_the_switches_say",)),
+    Mutant("compiled blocks fall back to one symbolic-shape graph", "cm_lightning/models/compilation.py",
+           "        block.compile(dynamic=False)", "        block.compile()",
+           (COMPILE + "test_the_compiled_regions_are_whole_transformers_and_resnet_blocks_with_static_shapes",)),
+    Mutant("a compiled run's sample grids compile every block again", "cm_lightning/methods/base.py",
+           "        with eager_blocks():\n            return generate_latents(", "        if True:\n            return generate_latents(",
+           (COMPILE + "test_a_runs_sampling_runs_its_blocks_eagerly",)),
     # ---- options: EMA and curriculum
     Mutant("target EMA updated every micro-batch", "cm_lightning/methods/base.py",
            "if self.ema is not None and self.global_step != self._ema_step:", "if self.ema is not None:",

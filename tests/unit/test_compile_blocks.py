@@ -181,3 +181,22 @@ def test_compiled_channels_last_blocks_give_the_eager_outputs_and_lora_gradients
     assert counters["stats"]["unique_graphs"] >= 2  # a ResNet block and a transformer, compiled
     for got, want in zip(compiled, eager):
         assert ((got - want).norm() / want.norm()).item() < tolerance
+
+
+def test_a_runs_sampling_runs_its_blocks_eagerly(tiny_sd_path, monkeypatch):
+    """The sample grids and validation draw through ``sample_latents``: it runs under ``eager_blocks``, so a compiled
+    run does not compile every block again for the sampling shapes (minutes on a cold cache)."""
+    from contextlib import contextmanager
+
+    stances = []
+
+    @contextmanager
+    def recording_stance(stance, **kwargs):
+        stances.append(stance)
+        yield
+
+    monkeypatch.setattr(torch.compiler, "set_stance", recording_stance)
+    module = _module(tiny_sd_path)
+    context = torch.randn(1, 77, module.unet.config.cross_attention_dim)
+    module.sample_latents(torch.randn(1, 4, 16, 16), context, steps=1)
+    assert stances == ["force_eager"]
