@@ -24,13 +24,14 @@ def check_switch(value, name: str) -> None:
         raise ValueError(f"{name}={value!r} is not true, false or 'auto'")
 
 
-def compiles_blocks(setting: bool | str, device_type: str, max_steps: int, checkpointing: bool) -> bool:
+def compiles_blocks(setting: bool | str, device_type: str, max_steps: int, graphed: bool) -> bool:
     """Whether training compiles the UNet's blocks: ``compile_blocks`` as given, or for ``auto`` on a GPU, for runs of
     at least ``AUTO_COMPILE_MIN_STEPS`` planned steps (``max_steps``; -1, a run bounded by time alone, does not
-    count), without gradient checkpointing (a combination not measured)."""
+    count) whose UNet calls are replayed from CUDA graphs (``graphed``: the measured configuration; not under
+    gradient checkpointing or an EMA target)."""
     if setting != "auto":
         return bool(setting)
-    return device_type == "cuda" and max_steps >= AUTO_COMPILE_MIN_STEPS and not checkpointing
+    return device_type == "cuda" and max_steps >= AUTO_COMPILE_MIN_STEPS and graphed
 
 
 def _allow_variants(count: int) -> None:

@@ -19,17 +19,17 @@ from cm_lightning.models.lora import add_lora, use_merged_lora_forward
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-@pytest.mark.parametrize("setting, device, steps, checkpointing, expected", [
+@pytest.mark.parametrize("setting, device, steps, graphed, expected", [
     (True, "cpu", 10, False, True),  # as given, anywhere
-    (False, "cuda", 10**6, False, False),
-    ("auto", "cuda", AUTO_COMPILE_MIN_STEPS, False, True),
-    ("auto", "cuda", AUTO_COMPILE_MIN_STEPS - 1, False, False),  # a short run: the compile would not pay
-    ("auto", "cuda", -1, False, False),  # bounded by time alone: its length is unknown
-    ("auto", "cpu", 10**6, False, False),
-    ("auto", "cuda", 10**6, True, False),  # under checkpointing: not measured
+    (False, "cuda", 10**6, True, False),
+    ("auto", "cuda", AUTO_COMPILE_MIN_STEPS, True, True),
+    ("auto", "cuda", AUTO_COMPILE_MIN_STEPS - 1, True, False),  # a short run: the compile would not pay
+    ("auto", "cuda", -1, True, False),  # bounded by time alone: its length is unknown
+    ("auto", "cpu", 10**6, True, False),
+    ("auto", "cuda", 10**6, False, False),  # no graphs (checkpointing, an EMA target): not measured
 ])
-def test_compile_blocks_auto_compiles_long_gpu_runs_only(setting, device, steps, checkpointing, expected):
-    assert compiles_blocks(setting, device, steps, checkpointing) is expected
+def test_compile_blocks_auto_compiles_long_gpu_runs_only(setting, device, steps, graphed, expected):
+    assert compiles_blocks(setting, device, steps, graphed) is expected
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])
@@ -56,6 +56,8 @@ def _module(tiny_sd_path, **options):
     ({"compile_blocks": True}, 10, True, True),
     ({"compile_blocks": True, "channels_last": False}, 10, True, False),
     ({"channels_last": True}, 10, False, True),
+    ({"gradient_checkpointing": True}, AUTO_COMPILE_MIN_STEPS, False, False),  # no graphs: auto stays eager
+    ({"target": "ema"}, AUTO_COMPILE_MIN_STEPS, False, False),
 ])
 def test_setup_compiles_and_goes_channels_last_as_the_switches_say(tiny_sd_path, monkeypatch, options, max_steps,
                                                                    compiled, channels_last):
