@@ -15,7 +15,8 @@ What it measures, each section written to ``--out`` (JSON) as soon as it is done
             step, separate cond/uncond teacher passes, fp16 autocast with a grad scaler), same card, same call;
   sample    ``load_drawer(...).draw`` (what ``sample`` runs) end to end, prompts to pixels on the host, for the MCD
             and CD students at batch 1 and 8 and the teacher's 50-step CFG DDIM, before and after the fast paths;
-  job       (if the time budget allows) the seed's whole job, 1,000 MCD steps, command to exported LoRA;
+  job       (if the time budget allows) the seed's whole job, 1,000 MCD steps, command to exported LoRA, with MCD's
+            training row timed inside it (``mcd_row``: --steps steps after --skip);
   then the late train variants, while the budget lasts.
 ``--scale tiny`` runs the same on the tiny model on a CPU in about two minutes (to check the script, not to time).
 Usage: python benchmarks/speed.py --work /tmp/speed --out speed.json [--scale sd15|tiny] [--budget-s 560]
@@ -191,22 +192,19 @@ TRAIN_VARIANTS = {
 }
 
 
-def measure_train(args, name: str, overrides: list[str], env: dict, tflops: float | None) -> dict:
-    folder = args.work / "runs" / name
-    profile = folder / "profile.json"
-    cmd = [sys.executable, "-m", "cm_lightning.train", *overrides, f"batch_size={args.batch}",
-           f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=10", "~callbacks.sample_grid",
-           f"paths.output_dir={folder}", f"hydra.run.dir={folder}",
-           "+callbacks.step_profiler._target_=cm_lightning.methods.profiling.StepProfiler",
-           f"+callbacks.step_profiler.out={profile}", f"+callbacks.step_profiler.skip={args.skip}"]
-    env = {**env, "CM_SPEED_T0": str(time.time())}
-    code, wall, tail = run(cmd, args.work / f"train_{name}.log", env, timeout=max(60.0, args.budget_s - elapsed()))
-    result = {"command": " ".join(cmd[1:]), "returncode": code, "process_seconds": round(wall, 1)}
-    if code != 0 or not profile.is_file():
-        return {**result, "log_tail": tail}
-    summary = json.loads(profile.read_text())
+def profiler_overrides(profile: Path, skip: int, timed_steps: int = 0) -> list[str]:
+    """The Hydra overrides that add ``StepProfiler`` to a ``train`` command."""
+    return ["+callbacks.step_profiler._target_=cm_lightning.methods.profiling.StepProfiler",
+            f"+callbacks.step_profiler.out={profile}", f"+callbacks.step_profiler.skip={skip}",
+            *([f"+callbacks.step_profiler.timed_steps={timed_steps}"] if timed_steps else [])]
+
+
+def train_row(args, folder: Path, overrides: list[str], t0: float, tflops: float | None) -> dict:
+    """A training row from the profile ``StepProfiler`` wrote into ``folder``: step, MFU, memory, phases."""
+    summary = json.loads((folder / "profile.json").read_text())
     step = summary["step_seconds"]
     devices = next((int(o.split("=")[1]) for o in overrides if o.startswith("trainer.devices=")), 1)
+    result = {}
     ranks = [json.loads(p.read_text()) for p in sorted(folder.glob("profile.rank*.json"))]
     if ranks:  # DDP: every rank's step and its weights (equal when the gradients were all-reduced)
         result["rank_step_ms"] = [round(r["step_seconds"] * 1000, 1) for r in [summary, *ranks]]
@@ -217,14 +215,30 @@ def measure_train(args, name: str, overrides: list[str], env: dict, tflops: floa
     flops = FORWARDS_PER_SAMPLE[method] * UNET_TFLOP_PER_SAMPLE * args.batch if args.scale == "sd15" else None
     result.update({
         "devices": devices, "step_ms": round(step * 1000, 1), "samples_per_s": round(args.batch * devices / step, 1),
+        "steps_timed": summary["steps_timed"],
         "tflop_per_step": flops, "mfu": round(flops / step / tflops, 3) if flops and tflops else None,
         "peak_memory_gib": summary["peak_memory_gib"], "phase_peak_memory_gib": summary["phase_peak_memory_gib"],
         "gpu_phase_ms": {k: round(v * 1000, 1) for k, v in summary["gpu_phase_seconds"].items()},
         "data_ms": round(summary["data_seconds"] * 1000, 2),
-        "seconds_to_first_step": round(summary["first_step_end_unix"] - float(env["CM_SPEED_T0"]), 1),
+        "seconds_to_first_step": round(summary["first_step_end_unix"] - t0, 1),
         "lora": str(folder / "lora"),
     })
     return result
+
+
+def measure_train(args, name: str, overrides: list[str], env: dict, tflops: float | None) -> dict:
+    folder = args.work / "runs" / name
+    cmd = [sys.executable, "-m", "cm_lightning.train", *overrides, f"batch_size={args.batch}",
+           f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=10", "~callbacks.sample_grid",
+           f"paths.output_dir={folder}", f"hydra.run.dir={folder}", *profiler_overrides(folder / "profile.json",
+                                                                                     args.skip)]
+    t0 = time.time()
+    code, wall, tail = run(cmd, args.work / f"train_{name}.log", env,
+                           timeout=max(60.0, args.budget_s - elapsed()))
+    result = {"command": " ".join(cmd[1:]), "returncode": code, "process_seconds": round(wall, 1)}
+    if code != 0 or not (folder / "profile.json").is_file():
+        return {**result, "log_tail": tail}
+    return {**result, **train_row(args, folder, overrides, t0, tflops)}
 
 
 def measure_sampling(args, runs: dict, device: torch.device) -> dict:
@@ -376,13 +390,20 @@ def calibrate_attention(args, device: torch.device) -> dict:
     return out
 
 
-def measure_job(args, overrides: list[str], env: dict) -> dict:
+def measure_job(args, overrides: list[str], env: dict, tflops: float | None) -> dict:
+    """The seed's job, command to exported LoRA, with ``StepProfiler`` timing ``args.steps`` steps after
+    ``args.skip`` inside it: the job's own MCD row (``train_row``), from the same process."""
     folder = args.work / "runs" / "job"
-    cmd = [sys.executable, "-m", "cm_lightning.train", "method=mcd", "boundaries=4", *overrides,
-           f"paths.output_dir={folder}", f"hydra.run.dir={folder}"]
+    mcd = ["method=mcd", "boundaries=4"]
+    cmd = [sys.executable, "-m", "cm_lightning.train", *mcd, *overrides, f"paths.output_dir={folder}",
+           f"hydra.run.dir={folder}", *profiler_overrides(folder / "profile.json", args.skip, args.steps)]
+    t0 = time.time()
     code, wall, tail = run(cmd, args.work / "job.log", env, timeout=max(60.0, args.budget_s - elapsed()))
-    return {"command": " ".join(cmd[1:]), "returncode": code, "wall_seconds": round(wall, 1),
-            "lora_written": (folder / "lora" / "pytorch_lora_weights.safetensors").is_file(), "log_tail": tail[-600:]}
+    result = {"command": " ".join(cmd[1:]), "returncode": code, "wall_seconds": round(wall, 1),
+              "lora_written": (folder / "lora" / "pytorch_lora_weights.safetensors").is_file(), "log_tail": tail[-600:]}
+    if code == 0 and (folder / "profile.json").is_file():
+        result["mcd_row"] = train_row(args, folder, mcd + overrides, t0, tflops)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -481,7 +502,7 @@ def main() -> None:
         job_estimate = 0
     if "job" in sections and elapsed() + job_estimate < args.budget_s:
         steps = ["trainer.max_steps=1000"] if args.scale == "sd15" else ["trainer.max_steps=20"]
-        results["job"] = measure_job(args, overrides + steps, env)
+        results["job"] = measure_job(args, overrides + steps, env, tflops)
     elif "job" in sections:
         results["job"] = f"skipped: estimated {job_estimate} s, {elapsed():.0f} s of the {args.budget_s} s budget used"
     if "train" in sections:  # extras, while the budget lasts

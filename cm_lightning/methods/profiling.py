@@ -74,14 +74,18 @@ class StepProfiler(L.Callback):
             by kernel family (matmul, convolution, attention, normalisation, elementwise...) and the top kernels
             to ``<out>.kernels.txt`` (``kernel_ms_per_step`` in the summary). The timed steps start after the traced
             ones (the tracer slows the host).
+        timed_steps: time only this many steps after the warm-up (0: every step to the end), so that a long run
+            (the seed's 1,000-step job) gives its step time without the grids, validation and checkpoints that
+            come later in it.
 
     The summary also holds ``milestones``: the wall clock (unix seconds) at Lightning's setup, fit start, train
     start and the end of the first step, so the time to the first step splits into its parts.
     """
 
     def __init__(self, out: str, skip: int = 10, phases: bool = True, host_profile: bool = False,
-                 sync_every_step: bool = False, kernel_trace: int = 0):
+                 sync_every_step: bool = False, kernel_trace: int = 0, timed_steps: int = 0):
         self.out, self.skip, self.phases, self.sync_every_step = Path(out), skip, phases, sync_every_step
+        self.timed_steps = timed_steps
         self.host = cProfile.Profile() if host_profile else None
         self._host_steps = 0
         self.kernel_trace = kernel_trace
@@ -166,14 +170,15 @@ class StepProfiler(L.Callback):
         if self._tracer is not None and self.kernels is None:
             if self._tracer.count_step() == self.kernel_trace:
                 self.kernels = self._tracer.finish(self.out.with_suffix(".kernels.txt"))
-        last = 0 < trainer.max_steps <= trainer.global_step
-        if self.sync_every_step or self._first_step_at is None or (last and len(self._window) == 1):
+        window_ends = 0 < trainer.max_steps <= trainer.global_step or (
+            self.timed_steps > 0 and len(self.steps) + 1 == self.skip + self.kernel_trace + self.timed_steps)
+        if self.sync_every_step or self._first_step_at is None or (window_ends and len(self._window) == 1):
             self._sync()
         now = time.perf_counter()
         if self._first_step_at is None:
             self._first_step_at, self._first_step_unix = now, time.time()
             self.milestones["first_step_end"] = self._first_step_unix
-        if last and len(self._window) == 1:
+        if window_ends and len(self._window) == 1:
             self._window.append(now)
         record = {"step": trainer.global_step, "wall": now - self._last_end, "data": self._data_seconds}
         if self._marks is not None:
@@ -209,7 +214,8 @@ class StepProfiler(L.Callback):
 
     # ------------------------------------------------------------------ the summary
     def summary(self, module) -> dict:
-        timed = self.steps[self.skip + self.kernel_trace:] or self.steps
+        first = self.skip + self.kernel_trace
+        timed = self.steps[first:first + self.timed_steps if self.timed_steps else None] or self.steps
         median = lambda values: statistics.median(values) if values else None  # noqa: E731
         phases: dict[str, float] = {}
         peaks: dict[str, float] = {}

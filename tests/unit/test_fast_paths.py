@@ -195,6 +195,33 @@ def test_step_profiler_times_every_step_and_phase_of_a_real_run(tmp_path, conf_d
     assert marks["setup"] <= marks["fit_start"] <= marks["train_start"] <= marks["first_step_end"]
 
 
+def test_step_profiler_times_only_the_timed_steps_of_a_longer_run(tmp_path):
+    """``timed_steps``: a long run (the seed's job) is timed over that many steps after the warm-up, not over the
+    grids, validation and checkpoints that come later; the window closes after them."""
+    import json
+    import time
+    import types
+
+    from cm_lightning.methods.profiling import StepProfiler
+
+    profiler = StepProfiler(str(tmp_path / "profile.json"), skip=1, phases=False, timed_steps=2)
+    module = torch.nn.Linear(2, 2)
+    module.device = torch.device("cpu")
+    trainer = types.SimpleNamespace(max_steps=6, global_step=0, world_size=1, global_rank=0)
+    profiler.setup(trainer, module, "fit")
+    profiler.on_fit_start(trainer, module)
+    profiler.on_train_start(trainer, module)
+    for seconds in (0.0, 0.01, 0.02, 0.2, 0.2, 0.2):  # a warm-up step, two timed steps, then slow later steps
+        profiler.on_train_batch_start(trainer, module, None, 0)
+        time.sleep(seconds)
+        trainer.global_step += 1
+        profiler.on_train_batch_end(trainer, module, None, None, 0)
+    profiler.on_train_end(trainer, module)
+    summary = json.loads((tmp_path / "profile.json").read_text())
+    assert summary["steps_timed"] == 2 and len(summary["steps"]) == 6
+    assert 0.015 <= summary["step_seconds"] < 0.1  # the mean of the 0.01 s and 0.02 s steps, not the later 0.2 s
+
+
 def test_half_precision_roles_run_the_unet_outside_autocast(tiny_sd_path):
     """Under a mixed-precision trainer the roles named run as inference does (pure half dtype, autocast off inside
     the UNet call), the others under the trainer's autocast."""
