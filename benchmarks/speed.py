@@ -15,7 +15,8 @@ What it measures, each section written to ``--out`` (JSON) as soon as it is done
             step, separate cond/uncond teacher passes, fp16 autocast with a grad scaler), same card, same call;
   sample    ``load_drawer(...).draw`` (what ``sample`` runs) end to end, prompts to pixels on the host, for the MCD
             and CD students at batch 1 and 8 and the teacher's 50-step CFG DDIM, before and after the fast paths;
-  job       (if the time budget allows) the seed's whole job, 1,000 MCD steps, command to exported LoRA, with MCD's
+  job       (if the time budget allows; before the sampling, which draws with its LoRA when there is no MCD row)
+            the seed's whole job, 1,000 MCD steps, command to exported LoRA, with MCD's
             training row timed inside it (``mcd_row``: --steps steps after --skip);
   then the late train variants, while the budget lasts.
 ``--scale tiny`` runs the same on the tiny model on a CPU in about two minutes (to check the script, not to time).
@@ -490,14 +491,10 @@ def main() -> None:
                                                  gradient_checkpointing=tuple(c == "ckpt" for c in args.reference.split(",")))
         save(results, args.out)
         print("reference", results["reference"], flush=True)
-    if "sample" in sections and elapsed() < args.budget_s:
-        runs = {name: results["train"][name]["lora"] for name in ("mcd", "cd")
-                if isinstance(results["train"].get(name), dict) and "lora" in results["train"][name]}
-        results["sample"] = measure_sampling(args, runs, device)
-        save(results, args.out)
     cd = results["train"].get("cd")
-    # without a CD row this call: the last measured job (276 s, speed.md) with some margin
+    # without a CD row this call: the last measured job (276 s, speed.md) with some margin; then the sampling's ~40 s
     job_estimate = (cd["step_ms"] / 1000 * 1000 + 60) if isinstance(cd, dict) and "step_ms" in cd else 300
+    job_estimate += 40 if "sample" in sections else 0
     if args.scale == "tiny":
         job_estimate = 0
     if "job" in sections and elapsed() + job_estimate < args.budget_s:
@@ -505,6 +502,14 @@ def main() -> None:
         results["job"] = measure_job(args, overrides + steps, env, tflops)
     elif "job" in sections:
         results["job"] = f"skipped: estimated {job_estimate} s, {elapsed():.0f} s of the {args.budget_s} s budget used"
+    if "sample" in sections and elapsed() < args.budget_s:  # after the job: without an MCD row, the job's LoRA
+        runs = {name: results["train"][name]["lora"] for name in ("mcd", "cd")
+                if isinstance(results["train"].get(name), dict) and "lora" in results["train"][name]}
+        job = results.get("job")
+        if "mcd" not in runs and isinstance(job, dict) and job.get("lora_written"):
+            runs["mcd"] = str(args.work / "runs" / "job" / "lora")  # MCD K=4, the defaults
+        results["sample"] = measure_sampling(args, runs, device)
+        save(results, args.out)
     if "train" in sections:  # extras, while the budget lasts
         train_variants(args.late_variants)
     results["total_seconds"] = round(elapsed(), 1)
