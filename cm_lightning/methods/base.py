@@ -75,7 +75,7 @@ class ConsistencyModule(LatentTrainingModule):
             'peft' (peft's own unmerged forward).
         compile_blocks: ``torch.compile`` each transformer and ResNet block of the UNet (regional compilation:
             blocks of one shape share their compiled code, so compiling takes far less than the whole UNet): True,
-            False, or 'auto' (on a GPU for runs of at least ``AUTO_COMPILE_MIN_STEPS`` planned steps whose UNet
+            False, or 'auto' (on one GPU for runs of at least ``AUTO_COMPILE_MIN_STEPS`` planned steps whose UNet
             calls are CUDA graphs: the compile costs minutes before the first step, the step is ~18 % faster).
         cuda_graphs: on GPUs, replay the teacher, the target and the student's forward and backward from CUDA
             graphs (the eager UNet at SD1.5 size and batch 8 is bound by the host, not the GPU). Off under gradient
@@ -248,7 +248,8 @@ class ConsistencyModule(LatentTrainingModule):
             if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < AUTO_CHECKPOINTING_GIB * 2**30:
                 self.unet.enable_gradient_checkpointing()
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
-        compiling = compiles_blocks(self.compile_blocks, device.type, max_steps, self.graphs_usable())
+        one_device = self._trainer is None or self.trainer.world_size == 1
+        compiling = compiles_blocks(self.compile_blocks, device.type, max_steps, self.graphs_usable() and one_device)
         if self.channels_last is True or (self.channels_last == "auto" and compiling):
             self.unet.to(memory_format=torch.channels_last)
         if compiling:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 # compile_blocks=auto compiles for runs of at least this many planned optimizer steps. Measured on an H200 (SD1.5,
-# CD, batch 8; benchmarks/speed.md session 9): the blocks compiled with channels-last save ~25 ms a step and cost
-# ~320 s more before the first step on a cold Inductor cache (~70 s from a warm one): break-even ~12,500 steps cold,
-# ~2,700 warm.
+# CD, batch 8; benchmarks/speed.md session 9): the blocks compiled with channels-last save 26-35 ms a step and cost
+# ~250-320 s more before the first step on a cold Inductor cache (~70 s from a warm one): break-even ~7,000-12,500
+# steps cold, ~2,000-2,700 warm.
 AUTO_COMPILE_MIN_STEPS = 10_000
 SWITCH_VALUES = (True, False, "auto")
 
@@ -24,14 +24,14 @@ def check_switch(value, name: str) -> None:
         raise ValueError(f"{name}={value!r} is not true, false or 'auto'")
 
 
-def compiles_blocks(setting: bool | str, device_type: str, max_steps: int, graphed: bool) -> bool:
+def compiles_blocks(setting: bool | str, device_type: str, max_steps: int, measured_setup: bool) -> bool:
     """Whether training compiles the UNet's blocks: ``compile_blocks`` as given, or for ``auto`` on a GPU, for runs of
     at least ``AUTO_COMPILE_MIN_STEPS`` planned steps (``max_steps``; -1, a run bounded by time alone, does not
-    count) whose UNet calls are replayed from CUDA graphs (``graphed``: the measured configuration; not under
-    gradient checkpointing or an EMA target)."""
+    count) in the measured setup (``measured_setup``: one GPU, the UNet calls replayed from CUDA graphs; not under
+    gradient checkpointing, an EMA target or DDP, where the compile's gain is not measured)."""
     if setting != "auto":
         return bool(setting)
-    return device_type == "cuda" and max_steps >= AUTO_COMPILE_MIN_STEPS and graphed
+    return device_type == "cuda" and max_steps >= AUTO_COMPILE_MIN_STEPS and measured_setup
 
 
 def _allow_variants(count: int) -> None:

@@ -19,17 +19,17 @@ from cm_lightning.models.lora import add_lora, use_merged_lora_forward
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-@pytest.mark.parametrize("setting, device, steps, graphed, expected", [
+@pytest.mark.parametrize("setting, device, steps, measured_setup, expected", [
     (True, "cpu", 10, False, True),  # as given, anywhere
     (False, "cuda", 10**6, True, False),
     ("auto", "cuda", AUTO_COMPILE_MIN_STEPS, True, True),
     ("auto", "cuda", AUTO_COMPILE_MIN_STEPS - 1, True, False),  # a short run: the compile would not pay
     ("auto", "cuda", -1, True, False),  # bounded by time alone: its length is unknown
     ("auto", "cpu", 10**6, True, False),
-    ("auto", "cuda", 10**6, False, False),  # no graphs (checkpointing, an EMA target): not measured
+    ("auto", "cuda", 10**6, False, False),  # no graphs (checkpointing, an EMA target) or DDP: not measured
 ])
-def test_compile_blocks_auto_compiles_long_gpu_runs_only(setting, device, steps, graphed, expected):
-    assert compiles_blocks(setting, device, steps, graphed) is expected
+def test_compile_blocks_auto_compiles_long_gpu_runs_only(setting, device, steps, measured_setup, expected):
+    assert compiles_blocks(setting, device, steps, measured_setup) is expected
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])
@@ -50,17 +50,18 @@ def _module(tiny_sd_path, **options):
         optimizer=lambda params: torch.optim.AdamW(params), **options)
 
 
-@pytest.mark.parametrize("options, max_steps, compiled, channels_last", [
-    ({}, AUTO_COMPILE_MIN_STEPS, True, True),  # the defaults on a long GPU run: compiled, channels-last
-    ({}, 1000, False, False),  # the seed's 1,000-step job: neither
-    ({"compile_blocks": True}, 10, True, True),
-    ({"compile_blocks": True, "channels_last": False}, 10, True, False),
-    ({"channels_last": True}, 10, False, True),
-    ({"gradient_checkpointing": True}, AUTO_COMPILE_MIN_STEPS, False, False),  # no graphs: auto stays eager
-    ({"target": "ema"}, AUTO_COMPILE_MIN_STEPS, False, False),
+@pytest.mark.parametrize("options, max_steps, world_size, compiled, channels_last", [
+    ({}, AUTO_COMPILE_MIN_STEPS, 1, True, True),  # the defaults on a long GPU run: compiled, channels-last
+    ({}, 1000, 1, False, False),  # the seed's 1,000-step job: neither
+    ({"compile_blocks": True}, 10, 1, True, True),
+    ({"compile_blocks": True, "channels_last": False}, 10, 1, True, False),
+    ({"channels_last": True}, 10, 1, False, True),
+    ({"gradient_checkpointing": True}, AUTO_COMPILE_MIN_STEPS, 1, False, False),  # no graphs: auto stays eager
+    ({"target": "ema"}, AUTO_COMPILE_MIN_STEPS, 1, False, False),
+    ({}, AUTO_COMPILE_MIN_STEPS, 2, False, False),  # DDP: not measured
 ])
 def test_setup_compiles_and_goes_channels_last_as_the_switches_say(tiny_sd_path, monkeypatch, options, max_steps,
-                                                                   compiled, channels_last):
+                                                                   world_size, compiled, channels_last):
     import cm_lightning.methods.base as base
 
     module = _module(tiny_sd_path, **options)
@@ -68,7 +69,7 @@ def test_setup_compiles_and_goes_channels_last_as_the_switches_say(tiny_sd_path,
     monkeypatch.setattr(base, "compile_unet_blocks", lambda unet: seen.append(unet))
     # a GPU run as setup sees it (the device only decides; nothing moves to it here)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=2**40))
-    trainer = types.SimpleNamespace(precision="32-true", max_steps=max_steps, datamodule=None,
+    trainer = types.SimpleNamespace(precision="32-true", max_steps=max_steps, datamodule=None, world_size=world_size,
                                     strategy=types.SimpleNamespace(root_device=torch.device("cuda")))
     module._trainer = trainer
     module.setup("fit")
