@@ -8,6 +8,8 @@ by default under the system's temporary folder) makes a second run on the same m
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 # compile_blocks=auto compiles for runs of at least this many planned optimizer steps. Measured on an H200 (SD1.5,
@@ -65,8 +67,10 @@ def compile_unet_blocks(unet: torch.nn.Module) -> int:
 
 def eager_blocks():
     """Inside: compiled blocks run their eager code. For a training run's sampling (grids, validation): a few calls
-    of other shapes, where compiling each new shape would cost far more than it saves."""
-    return torch.compiler.set_stance("force_eager")
+    of other shapes, where compiling each new shape would cost far more than it saves. (torch < 2.6 has no stance:
+    there the sampling compiles its shapes.)"""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
 
 
 def compile_vae_decoder(vae: torch.nn.Module) -> None:
