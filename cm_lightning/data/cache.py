@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from cm_lightning.data.preprocess import bytes_to_unit_range, image_to_bytes
 from cm_lightning.data.sources import BadSample, CaptionedImageSource
-from cm_lightning.errors import UserError
+from cm_lightning.errors import UserError, check_switch
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +185,6 @@ def summary_line(encoded: int, total: int, skipped: Counter, examples: list[str]
 AUTO_COMPILE_ENCODER_MIN_IMAGES = 20_000
 
 
-def check_compile_image_encoder(setting: Any, field: str) -> None:
-    """One line naming ``field`` unless ``setting`` is true, false or "auto"."""
-    if setting not in (True, False, "auto"):
-        raise UserError(f"{field}={setting!r} is not one of true, false, auto")
-
-
 def compiles_image_encoder(setting: bool | str, device: torch.device, images: int, resolution: int = 512) -> bool:
     """Whether a build of ``images`` at ``resolution`` compiles the VAE encode: ``setting`` true or false, or "auto"
     (on a GPU, for builds of at least ``AUTO_COMPILE_ENCODER_MIN_IMAGES`` images' worth of 512 px pixels)."""
@@ -216,7 +210,7 @@ class LatentCache:
         if encode_batch_size <= 0 or shard_size <= 0:
             raise UserError(f"cache encode_batch_size={encode_batch_size} and shard_size={shard_size} "
                             "must be positive")
-        check_compile_image_encoder(compile_image_encoder, "cache compile_image_encoder")
+        check_switch(compile_image_encoder, "cache compile_image_encoder")
         if not 0 <= max_bad_fraction <= 1:
             raise UserError(f"cache max_bad_fraction={max_bad_fraction} must be between 0 and 1")
         self.source, self.root, self.resolution = source, Path(root), resolution

@@ -10,9 +10,9 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cm_lightning import rng
-from cm_lightning.data.cache import CachedLatents, CacheReader, LatentCache, check_compile_image_encoder
+from cm_lightning.data.cache import CachedLatents, CacheReader, LatentCache
 from cm_lightning.data.sources import CaptionedImageSource
-from cm_lightning.errors import UserError
+from cm_lightning.errors import UserError, check_switch
 
 
 class SeededIndex(int):
@@ -124,7 +124,7 @@ class LatentDataModule(LightningDataModule):
             raise UserError(f"data batch_size={batch_size} must be positive")
         if num_workers < 0:
             raise UserError(f"data num_workers={num_workers} must be >= 0")
-        check_compile_image_encoder(compile_image_encoder, "data.datamodule.compile_image_encoder")  # before weights
+        check_switch(compile_image_encoder, "data.datamodule.compile_image_encoder")  # before any weights
         self.source, self.cache_root, self.resolution = source, os.fspath(cache_root), resolution
         self.batch_size, self.num_workers, self.encode_batch_size = batch_size, num_workers, encode_batch_size
         self.max_bad_fraction, self.progress, self.seed = max_bad_fraction, progress, seed

@@ -21,7 +21,8 @@ from ..diffusion.parameterization import Prediction
 from ..diffusion.samplers import Conditioning
 from ..diffusion.schedule import NoiseSchedule
 from ..models.attention import check_sdpa_choice, prefer_sdpa
-from ..models.compilation import check_switch, compile_unet_blocks, compiles_blocks, eager_blocks
+from ..errors import check_switch
+from ..models.compilation import compile_unet_blocks, compiles_blocks, eager_blocks
 from ..models.lora import LORA_FORWARDS, adapters_disabled, add_lora, cast_for_training, use_merged_lora_forward
 from .ema import EmaWeights
 from .latent_module import LatentTrainingModule
@@ -150,8 +151,7 @@ class ConsistencyModule(LatentTrainingModule):
                 raise ValueError(f"method.sdpa_backends: {role!r} is not among {', '.join(ROLES)}")
             check_sdpa_choice(choice, f"method.sdpa_backends.{role}")
         self.networks: dict[str, Callable] = {}  # per role (student, teacher, target): graph-replayed UNet calls
-        if gradient_checkpointing not in (True, False, "auto"):
-            raise ValueError(f"method.gradient_checkpointing={gradient_checkpointing!r} is not true, false or 'auto'")
+        check_switch(gradient_checkpointing, "method.gradient_checkpointing")
         self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing is True:
             unet.enable_gradient_checkpointing()

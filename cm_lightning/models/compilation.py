@@ -17,13 +17,6 @@ import torch
 # ~250-320 s more before the first step on a cold Inductor cache (~70 s from a warm one): break-even ~7,000-12,500
 # steps cold, ~2,000-2,700 warm.
 AUTO_COMPILE_MIN_STEPS = 10_000
-SWITCH_VALUES = (True, False, "auto")
-
-
-def check_switch(value, name: str) -> None:
-    """A true / false / auto setting: anything else is one line naming the field."""
-    if not any(value is v if isinstance(v, bool) else value == v for v in SWITCH_VALUES):
-        raise ValueError(f"{name}={value!r} is not true, false or 'auto'")
 
 
 def compiles_blocks(setting: bool | str, device_type: str, max_steps: int, measured_setup: bool) -> bool:

@@ -6,13 +6,8 @@ import types
 import pytest
 import torch
 
-from cm_lightning.models.compilation import (
-    AUTO_COMPILE_MIN_STEPS,
-    check_switch,
-    compile_unet_blocks,
-    compiles_blocks,
-    eager_blocks,
-)
+from cm_lightning.errors import UserError, check_switch
+from cm_lightning.models.compilation import AUTO_COMPILE_MIN_STEPS, compile_unet_blocks, compiles_blocks, eager_blocks
 from cm_lightning.models.components import load_components
 from cm_lightning.models.lora import add_lora, use_merged_lora_forward
 
@@ -32,9 +27,9 @@ def test_compile_blocks_auto_compiles_long_gpu_runs_only(setting, device, steps,
     assert compiles_blocks(setting, device, steps, measured_setup) is expected
 
 
-@pytest.mark.parametrize("value", ["yes", 1, None])
+@pytest.mark.parametrize("value", ["yes", 1, 0, None])
 def test_a_bad_switch_value_is_one_line_naming_the_field(value):
-    with pytest.raises(ValueError, match=r"method\.compile_blocks=.* is not true, false or 'auto'"):
+    with pytest.raises(UserError, match=r"method\.compile_blocks=.* is not true, false or 'auto'"):
         check_switch(value, "method.compile_blocks")
     for good in (True, False, "auto"):
         check_switch(good, "method.compile_blocks")
@@ -78,8 +73,9 @@ def test_setup_compiles_and_goes_channels_last_as_the_switches_say(tiny_sd_path,
 
 
 def test_bad_switch_values_stop_the_module_before_training(tiny_sd_path):
-    with pytest.raises(ValueError, match="method.channels_last"):
-        _module(tiny_sd_path, channels_last="on")
+    for field in ("channels_last", "compile_blocks", "gradient_checkpointing"):
+        with pytest.raises(UserError, match=f"method.{field}='on' is not true, false or 'auto'"):
+            _module(tiny_sd_path, **{field: "on"})
 
 
 def _lora_unet(tiny_sd_path):

@@ -59,7 +59,7 @@ def test_good_command_lines_pass():
     ([*TINY, "method=cd", "boundaries=8"], "boundaries=8 is only read by methods with segments"),
     ([*TINY, "method=ct", "boundaries=4"], "method=ct has one boundary"),
     ([*TINY, "ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt: no such file"),
-    ([*TINY, "data.datamodule.compile_image_encoder=yes"], "compile_image_encoder='yes' is not one of true"),
+    ([*TINY, "data.datamodule.compile_image_encoder=yes"], "compile_image_encoder='yes' is not true, false or 'auto'"),
     (["model=tiny", "data=coco5k", "data.root=/no/such/coco", "trainer=cpu"], "COCO root /no/such/coco"),
 ])
 def test_bad_configs_fail_before_any_weights_are_read(overrides, expected, no_weights, tmp_path):
@@ -70,7 +70,7 @@ def test_bad_configs_fail_before_any_weights_are_read(overrides, expected, no_we
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["data.datamodule.compile_image_encoder=yes"], "compile_image_encoder='yes' is not one of true"),
+    (["data.datamodule.compile_image_encoder=yes"], "compile_image_encoder='yes' is not true, false or 'auto'"),
     (["data=coco5k", "data.root=/no/such/coco"], "COCO root /no/such/coco"),
 ])
 def test_prepare_checks_the_data_before_any_weights_are_read(overrides, expected, monkeypatch, tmp_path):
