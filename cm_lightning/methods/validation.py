@@ -97,15 +97,14 @@ class TeacherGapValidation(L.Callback):
         for start in range(0, len(self.prompts), self.batch_size):
             prompts = self.prompts[start:start + self.batch_size]
             context = encoders.encode_prompts(prompts).to(module.device)
-            with eager_blocks():  # a compiled run's blocks: not compiled again for the sampling shapes
-                latents = draw_batch(noise[start:start + len(prompts)].to(module.device), context,
-                                     null.to(module.device), start)
+            latents = draw_batch(noise[start:start + len(prompts)].to(module.device), context,
+                                 null.to(module.device), start)
             images.append(encoders.decode_latents(latents.float().to(encoders.device)).float().cpu())
         return torch.cat(images)
 
     def teacher_images(self, module, encoders) -> torch.Tensor:
-        def draw(noise, context, null, start):
-            with adapters_disabled(module.unet):
+        def draw(noise, context, null, start):  # eager blocks, as the student's sample_latents runs them
+            with adapters_disabled(module.unet), eager_blocks():
                 return generate_latents(module.unet, module.schedule, "ddim", noise,
                                         Conditioning(context, null, self.teacher_guidance), steps=self.teacher_steps,
                                         generator=renoise_generator(self.seed, start, module.device),

@@ -9,7 +9,8 @@ import torch
 from cm_lightning.errors import UserError, check_switch
 from cm_lightning.models.compilation import AUTO_COMPILE_MIN_STEPS, compile_unet_blocks, compiles_blocks, eager_blocks
 from cm_lightning.models.components import load_components
-from cm_lightning.models.lora import add_lora, use_merged_lora_forward
+from cm_lightning.models.lora import use_merged_lora_forward
+from tests.unit.test_fast_paths import _lora_unet as _peft_lora_unet
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -79,13 +80,8 @@ def test_bad_switch_values_stop_the_module_before_training(tiny_sd_path):
 
 
 def _lora_unet(tiny_sd_path):
-    unet = load_components(str(tiny_sd_path)).unet
-    add_lora(unet, rank=4, alpha=8)
-    generator = torch.Generator().manual_seed(0)
-    for param in unet.parameters():  # non-zero B, so the adapter changes the output
-        if param.requires_grad:
-            param.data = torch.randn(param.shape, generator=generator) * 0.05
-    use_merged_lora_forward(unet, fused_merge=True)
+    unet = _peft_lora_unet(tiny_sd_path)  # non-zero B, so the adapter changes the output
+    use_merged_lora_forward(unet, fused_merge=True)  # the training default's LoRA forward
     return unet
 
 
