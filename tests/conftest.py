@@ -34,6 +34,24 @@ def tiny_components(tiny_sd_path: Path) -> SDComponents:
 
 
 @pytest.fixture
+def lora_unet(tiny_sd_path: Path):
+    """A factory ``make(dropout=0.0)`` for the tiny model's UNet with a peft LoRA adapter (rank 4, alpha 8) whose
+    weights are random and non-zero (B too), so the adapter changes the output."""
+    from cm_lightning.models.lora import add_lora
+
+    def make(dropout: float = 0.0):
+        unet = load_components(str(tiny_sd_path)).unet
+        add_lora(unet, rank=4, alpha=8, dropout=dropout)
+        generator = torch.Generator().manual_seed(0)
+        for param in unet.parameters():
+            if param.requires_grad:
+                param.data = torch.randn(param.shape, generator=generator) * 0.05
+        return unet
+
+    return make
+
+
+@pytest.fixture
 def trained_run(tiny_sd_path: Path, tmp_path: Path):
     """A factory ``make(method, sampler, sample_steps=4, num_solver_steps=50, edges=None)`` for a run folder as
     train.py writes it (``tmp_path / "run"``), with random (non-zero) LoRA weights standing in for trained ones

@@ -10,7 +10,6 @@ from cm_lightning.errors import UserError, check_switch
 from cm_lightning.models.compilation import AUTO_COMPILE_MIN_STEPS, compile_unet_blocks, compiles_blocks, eager_blocks
 from cm_lightning.models.components import load_components
 from cm_lightning.models.lora import use_merged_lora_forward
-from tests.unit.test_fast_paths import _lora_unet as _peft_lora_unet
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -79,18 +78,16 @@ def test_bad_switch_values_stop_the_module_before_training(tiny_sd_path):
             _module(tiny_sd_path, **{field: "on"})
 
 
-def _lora_unet(tiny_sd_path):
-    unet = _peft_lora_unet(tiny_sd_path)  # non-zero B, so the adapter changes the output
-    use_merged_lora_forward(unet, fused_merge=True)  # the training default's LoRA forward
-    return unet
 
 
-def test_the_compiled_regions_are_whole_transformers_and_resnet_blocks_with_static_shapes(tiny_sd_path,
+
+def test_the_compiled_regions_are_whole_transformers_and_resnet_blocks_with_static_shapes(lora_unet,
                                                                                          monkeypatch):
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    unet = _lora_unet(tiny_sd_path)
+    unet = lora_unet()
+    use_merged_lora_forward(unet, fused_merge=True)  # the training default's LoRA forward
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append((type(self), kwargs)))
     count = compile_unet_blocks(unet)
@@ -138,7 +135,7 @@ def _loss_and_grads(call, params):
     ("cpu", torch.float32, 1e-3),
     pytest.param("cuda", torch.bfloat16, 3e-2, marks=needs_gpu),
 ])
-def test_compiled_channels_last_blocks_give_the_eager_outputs_and_lora_gradients(tiny_sd_path, device, dtype,
+def test_compiled_channels_last_blocks_give_the_eager_outputs_and_lora_gradients(lora_unet, device, dtype,
                                                                                 tolerance):
     """The training path with compiled blocks in channels-last (``compile_blocks``, ``channels_last``): the output and
     every LoRA gradient match the eager, contiguous network's (Inductor reorders sums: fp32 within 1e-3). On the GPU
@@ -148,7 +145,9 @@ def test_compiled_channels_last_blocks_give_the_eager_outputs_and_lora_gradients
 
     from cm_lightning.models.lora import cast_for_training
 
-    unet = _lora_unet(tiny_sd_path).to(device)
+    unet = lora_unet()
+    use_merged_lora_forward(unet, fused_merge=True)
+    unet = unet.to(device)
     cast_for_training(unet, dtype)
     generator = torch.Generator().manual_seed(1)
     context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator).to(device, dtype)

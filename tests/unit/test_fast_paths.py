@@ -6,17 +6,7 @@ import pytest
 import torch
 
 from cm_lightning.models.components import load_components
-from cm_lightning.models.lora import add_lora, adapters_disabled, merge_adapter, use_merged_lora_forward
-
-
-def _lora_unet(tiny_sd_path, dropout: float = 0.0):
-    unet = load_components(str(tiny_sd_path)).unet
-    add_lora(unet, rank=4, alpha=8, dropout=dropout)
-    generator = torch.Generator().manual_seed(0)
-    for param in unet.parameters():  # non-zero B, so the adapter changes the output
-        if param.requires_grad:
-            param.data = torch.randn(param.shape, generator=generator) * 0.05
-    return unet
+from cm_lightning.models.lora import adapters_disabled, merge_adapter, use_merged_lora_forward
 
 
 def _call(unet, seed: int = 1):
@@ -31,8 +21,8 @@ def _grads(unet) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("low_rank_backward, fused_merge", [(True, False), (False, False), (True, True)])
-def test_merged_lora_forward_gives_peft_outputs_and_gradients(tiny_sd_path, low_rank_backward, fused_merge):
-    peft_unet = _lora_unet(tiny_sd_path)
+def test_merged_lora_forward_gives_peft_outputs_and_gradients(lora_unet, tiny_sd_path, low_rank_backward, fused_merge):
+    peft_unet = lora_unet()
     merged_unet = copy.deepcopy(peft_unet)
     assert use_merged_lora_forward(merged_unet, low_rank_backward, fused_merge) > 0
     outputs = []
@@ -55,13 +45,13 @@ def test_merged_lora_forward_gives_peft_outputs_and_gradients(tiny_sd_path, low_
         assert torch.equal(base, _call(peft_unet))
 
 
-def test_fused_merge_in_bf16_is_as_accurate_as_the_unfused_merge(tiny_sd_path):
+def test_fused_merge_in_bf16_is_as_accurate_as_the_unfused_merge(lora_unet, tiny_sd_path):
     """In bf16, W' built by one GEMM (A and B rounded to bf16 first) is as close to the float32 model, in outputs and
     gradients, as the float32-delta merge is (both ~1.3 % here, with deltas as large as the weights)."""
     results = {}
     for name, fused, dtype in (("float32", False, torch.float32), ("plain", False, torch.bfloat16),
                                ("fused", True, torch.bfloat16)):
-        unet = _lora_unet(tiny_sd_path)
+        unet = lora_unet()
         use_merged_lora_forward(unet, low_rank_backward=True, fused_merge=fused)
         for param in unet.parameters():  # the base in the run's dtype, LoRA float32, as cast_for_training leaves them
             if not param.requires_grad:
@@ -79,8 +69,8 @@ def test_fused_merge_in_bf16_is_as_accurate_as_the_unfused_merge(tiny_sd_path):
     assert not torch.equal(results["fused"][0], results["plain"][0])  # the fused path ran (its rounding differs)
 
 
-def test_merged_lora_forward_keeps_peft_path_under_dropout(tiny_sd_path):
-    unet = _lora_unet(tiny_sd_path, dropout=0.5)
+def test_merged_lora_forward_keeps_peft_path_under_dropout(lora_unet, tiny_sd_path):
+    unet = lora_unet(dropout=0.5)
     use_merged_lora_forward(unet)
     torch.manual_seed(0)
     first = _call(unet)
@@ -88,8 +78,8 @@ def test_merged_lora_forward_keeps_peft_path_under_dropout(tiny_sd_path):
     assert not torch.allclose(first, _call(unet))  # dropout still applied: peft's path, not the merged weight
 
 
-def test_merged_adapter_draws_what_the_unmerged_adapter_draws(tiny_sd_path):
-    unet = _lora_unet(tiny_sd_path)
+def test_merged_adapter_draws_what_the_unmerged_adapter_draws(lora_unet, tiny_sd_path):
+    unet = lora_unet()
     with torch.no_grad():
         unmerged = _call(unet)
         merge_adapter(unet)
@@ -116,10 +106,10 @@ def test_cuda_graph_network_replays_the_network(tiny_sd_path):
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, None])
-def test_graphed_student_gives_the_eager_outputs_and_gradients_as_weights_move(tiny_sd_path, dtype):
+def test_graphed_student_gives_the_eager_outputs_and_gradients_as_weights_move(lora_unet, tiny_sd_path, dtype):
     from cm_lightning.methods.cuda_graphs import GraphedStudent, _UNetCall
 
-    unet = _lora_unet(tiny_sd_path).cuda()
+    unet = lora_unet().cuda()
     use_merged_lora_forward(unet)
     if dtype is not None:  # frozen weights in the half dtype, LoRA in fp32, as training casts them
         from cm_lightning.models.lora import cast_for_training
