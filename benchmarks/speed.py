@@ -190,6 +190,10 @@ TRAIN_VARIANTS = {
     "cd_sdpa_default": ["method=cd", "method.module.sdpa_backends={student:default,teacher:default,target:default}"],
     # start-up: cuDNN's attention builds an execution plan per shape at the first call (flash needs none)
     "cd_flash": ["method=cd", "method.module.sdpa_backends={student:flash,teacher:flash,target:flash}"],
+    # session 10: where a process's time to its first step goes (cProfile over STARTUP_STEPS steps: see
+    # measure_train); the second runs later in the call, after other training processes warmed the host's caches
+    "cd_startup": ["method=cd"],
+    "cd_startup_later": ["method=cd"],
 }
 
 
@@ -227,19 +231,75 @@ def train_row(args, folder: Path, overrides: list[str], t0: float, tflops: float
     return result
 
 
+STARTUP_STEPS = 3  # a start-up profile's run: the first step (captures, autotuning) and two more
+
+
 def measure_train(args, name: str, overrides: list[str], env: dict, tflops: float | None) -> dict:
+    """One training row; a variant named ``*_startup*`` runs under cProfile for STARTUP_STEPS steps instead, and
+    reports where its time to the first step went (imports, loading, setup, the first step's parts)."""
     folder = args.work / "runs" / name
-    cmd = [sys.executable, "-m", "cm_lightning.train", *overrides, f"batch_size={args.batch}",
-           f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=10", "~callbacks.sample_grid",
+    startup = "_startup" in name
+    steps, skip = (STARTUP_STEPS, 1) if startup else (args.steps, args.skip)
+    python = [sys.executable, "-m", "cProfile", "-o", str(folder / "startup.prof")] if startup else [sys.executable]
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [*python, "-m", "cm_lightning.train", *overrides, f"batch_size={args.batch}",
+           f"trainer.max_steps={steps}", "trainer.log_every_n_steps=10", "~callbacks.sample_grid",
+           *(["~callbacks.validation"] if args.no_row_validation else []),
            f"paths.output_dir={folder}", f"hydra.run.dir={folder}", *profiler_overrides(folder / "profile.json",
-                                                                                     args.skip)]
+                                                                                     skip)]
     t0 = time.time()
     code, wall, tail = run(cmd, args.work / f"train_{name}.log", env,
                            timeout=max(60.0, args.budget_s - elapsed()))
     result = {"command": " ".join(cmd[1:]), "returncode": code, "process_seconds": round(wall, 1)}
+    if startup and (folder / "startup.prof").is_file():
+        result["startup"] = startup_split(folder, t0)
     if code != 0 or not (folder / "profile.json").is_file():
         return {**result, "log_tail": tail}
     return {**result, **train_row(args, folder, overrides, t0, tflops)}
+
+
+# the calls a start-up splits into (cProfile's cumulative seconds; file:function as pstats names them)
+STARTUP_PARTS = {
+    "the whole process": ("cm_lightning/train.py", "<module>"),
+    "Hydra's main (composing and the job)": ("cm_lightning/cli.py", "main"),
+    "train()": ("cm_lightning/train.py", "train"),
+    "load_model": ("cm_lightning/cli.py", "load_model"),
+    "frozen encoders to the device": ("cm_lightning/models/encoders.py", "from_components"),
+    "build_module (LoRA added)": ("cm_lightning/train.py", "build_module"),
+    "loggers' hyperparameters (W&B init)": ("lightning/pytorch/loggers/wandb.py", "log_hyperparams"),
+    "trainer.fit": ("lightning/pytorch/trainer/trainer.py", "fit"),
+    "datamodule prepare_data (cache check)": ("cm_lightning/data/datamodule.py", "prepare_data"),
+    "datamodule setup": ("cm_lightning/data/datamodule.py", "setup"),
+    "module setup (cast, compile decision)": ("cm_lightning/methods/base.py", "setup"),
+    "module on_fit_start": ("cm_lightning/methods/base.py", "on_fit_start"),
+    "training_step (all steps)": ("cm_lightning/methods/base.py", "training_step"),
+    "student graphs (make_graphed_callables)": ("torch/cuda/graphs.py", "make_graphed_callables"),
+    "teacher / target graphs (CudaGraphNetwork._capture)": ("cm_lightning/methods/cuda_graphs.py", "_capture"),
+    "backward (all steps)": ("torch/_tensor.py", "backward"),
+    "dataloader next() (all steps)": ("torch/utils/data/dataloader.py", "__next__"),
+    "export (save_lora_diffusers)": ("cm_lightning/models/lora.py", "save_lora_diffusers"),
+    "checkpoint save": ("lightning/pytorch/trainer/trainer.py", "save_checkpoint"),
+    "loggers' finish (W&B)": ("cm_lightning/loggers.py", "finish_runs"),
+}
+
+
+def startup_split(folder: Path, t0: float) -> dict:
+    """The start-up profile's parts (``STARTUP_PARTS``, cumulative seconds) and its top functions (startup.txt)."""
+    import io
+    import pstats
+
+    stats = pstats.Stats(str(folder / "startup.prof"))
+    parts: dict[str, float] = {}
+    for label, (path, function) in STARTUP_PARTS.items():
+        seconds = [row[3] for (file, _, func), row in stats.stats.items() if file.endswith(path) and func == function]
+        if seconds:
+            parts[label] = round(max(seconds), 2)  # the outermost call's cumulative time (recursion counted once)
+    if "the whole process" in parts and "Hydra's main (composing and the job)" in parts:
+        parts["imports before main"] = round(parts["the whole process"] - parts["Hydra's main (composing and the job)"], 2)
+    text = io.StringIO()
+    pstats.Stats(str(folder / "startup.prof"), stream=text).sort_stats("cumulative").print_stats(120)
+    (folder / "startup.txt").write_text(text.getvalue())
+    return {"parts_seconds": parts, "profiled_seconds": round(stats.total_tt, 1)}
 
 
 def measure_sampling(args, runs: dict, device: torch.device) -> dict:
@@ -425,6 +485,9 @@ def main() -> None:
     parser.add_argument("--reference", default="no_ckpt,ckpt", help="reference loop variants")
     parser.add_argument("--budget-s", type=float, default=560, help="stop starting new sections after this")
     parser.add_argument("--sample-cases", default="mcd,cd,teacher", help="what the sample section draws")
+    parser.add_argument("--no-row-validation", action="store_true",
+                        help="train rows without the end-of-run validation (the job keeps it): its teacher drawing and "
+                             "scoring come after the timed steps and cost ~8 s a process")
     parser.add_argument("--sample-modes", default="plain,fast",
                         help="plain (eager, LoRA unmerged), fast (the defaults), fast_noautotune (cuDNN autotuner off), "
                              "fast_compile (UNet blocks and VAE decoder compiled under the graphs)")

@@ -8,10 +8,14 @@ set -uo pipefail
 [ -n "${SKIP_INSTALL:-}" ] || [ ! -d .whl/wandb ] || python3 -c 'import wandb' 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl/wandb wandb || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; nproc; date -u; } > "$OUT/speed_machine.txt"
+# the CUDA driver's JIT cache (PTX compiled for this card, kept across processes): its size before and after tells
+# whether the first process's longer start-up is kernels compiled once per machine
+jit_cache() { echo "$1: CUDA JIT cache $(du -sk ${CUDA_CACHE_PATH:-$HOME/.nv/ComputeCache} 2>/dev/null | cut -f1) KiB"; }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; nproc; date -u; jit_cache start; } > "$OUT/speed_machine.txt"
 # the fast paths' GPU-only tests first (CUDA graphs: outputs and gradients equal to the eager calls)
 # (plugin autoload off: a plugin in the device image needs another pytest than the carried one)
 [ -n "${SKIP_GPU_TESTS:-}" ] || PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fast_paths.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} > "$OUT/gpu_tests.txt" 2>&1; tail -4 "$OUT/gpu_tests.txt"
 python3 benchmarks/speed.py --work ${WORK:-/tmp/speed} --out "$OUT/speed.json" --budget-s ${BUDGET_S:-540} "$@" 2>&1 | tee "$OUT/speed.log" | grep -v -i -E "warn|it/s]" | tail -60
-tar -C ${WORK:-/tmp/speed} -czf "$OUT/speed_logs.tgz" --exclude='*.safetensors' --exclude='*.ckpt' --exclude='*.png' --exclude=cache --exclude=model --exclude=coco --exclude=wandb runs prepare.log $(cd ${WORK:-/tmp/speed} && ls *.log *.txt) 2>/dev/null
+jit_cache end >> "$OUT/speed_machine.txt"
+tar -C ${WORK:-/tmp/speed} -czf "$OUT/speed_logs.tgz" --exclude='*.safetensors' --exclude='*.ckpt' --exclude='*.png' --exclude='*.prof' --exclude=cache --exclude=model --exclude=coco --exclude=wandb runs prepare.log $(cd ${WORK:-/tmp/speed} && ls *.log *.txt) 2>/dev/null
 ls -la "$OUT"
