@@ -91,8 +91,9 @@ def compute_device(accelerator: str = "auto", cudnn_benchmark: bool = True) -> t
     """This process's device: its local GPU when one is asked for (or 'auto') and present, else the CPU.
 
     On a GPU, ``cudnn_benchmark`` lets cuDNN time its convolution algorithms once per shape and keep the fastest
-    (the trainer's ``benchmark`` does the same for ``train``): every entry point encodes, draws and trains at
-    fixed shapes, so the search is paid once, and its heuristics otherwise pick slower kernels for SD's convs.
+    (``train`` then hands the choice to the trainer's ``benchmark``, off by default: under the CUDA graphs the
+    heuristics' kernels were as fast and the timing cost seconds of start-up): drawing runs at fixed shapes, so the
+    search is paid once.
     """
     if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
         torch.backends.cudnn.benchmark = cudnn_benchmark
