@@ -10,6 +10,7 @@ the step, the GPU time of each phase: the method's own phases (teacher, target, 
 from __future__ import annotations
 
 import cProfile
+import gc
 import io
 import json
 import pstats
@@ -78,7 +79,8 @@ class StepProfiler(L.Callback):
             (the seed's 1,000-step job) gives its step time without the grids, validation and checkpoints that
             come later in it.
 
-    The summary also holds ``milestones``: the wall clock (unix seconds) at Lightning's setup, fit start, train
+    The summary also holds ``gc``: the collections of Python's garbage collector during training, and the host time
+    they took (a full collection over a large object graph stalls the step that triggers it). And ``milestones``: the wall clock (unix seconds) at Lightning's setup, fit start, train
     start and the end of the first step, so the time to the first step splits into its parts.
     """
 
@@ -99,6 +101,8 @@ class StepProfiler(L.Callback):
         self._fit_start = time.perf_counter()
         self._first_step_at: float | None = None
         self._peak = 0.0
+        self.gc = {"collections": 0, "full_collections": 0, "seconds": 0.0, "longest_seconds": 0.0}
+        self._gc_started: float | None = None
 
     # ------------------------------------------------------------------ the module's own phases
     @contextmanager
@@ -111,6 +115,17 @@ class StepProfiler(L.Callback):
             yield
         finally:
             self._marks.end(name)
+
+    def _gc_event(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            seconds = time.perf_counter() - self._gc_started
+            self._gc_started = None
+            self.gc["collections"] += 1
+            self.gc["full_collections"] += info.get("generation") == 2
+            self.gc["seconds"] += seconds
+            self.gc["longest_seconds"] = max(self.gc["longest_seconds"], seconds)
 
     # ------------------------------------------------------------------ Lightning's hooks
     def setup(self, trainer, module, stage: str) -> None:
@@ -128,6 +143,7 @@ class StepProfiler(L.Callback):
         self._train_start = time.perf_counter()
         self._last_end = self._train_start
         self.milestones["train_start"] = time.time()  # the module's on_fit_start done: CUDA graphs captured
+        gc.callbacks.append(self._gc_event)
 
     def _sync(self) -> None:
         if self._cuda:
@@ -188,8 +204,14 @@ class StepProfiler(L.Callback):
         self.steps.append(record)
         self._last_end = now
 
+    def on_exception(self, trainer, module, exception) -> None:
+        if self._gc_event in gc.callbacks:
+            gc.callbacks.remove(self._gc_event)
+
     def on_train_end(self, trainer, module) -> None:
         module.step_profiler = None
+        if self._gc_event in gc.callbacks:
+            gc.callbacks.remove(self._gc_event)
         self._sync()
         if len(self._window) == 1:  # stopped before max_steps (max_time, an error): the window ends here
             self._window.append(time.perf_counter())
@@ -239,6 +261,7 @@ class StepProfiler(L.Callback):
             "first_step_end_unix": getattr(self, "_first_step_unix", None),
             "train_seconds": (self._last_end or 0) - self._train_start,
             "milestones": self.milestones,
+            "gc": {k: round(v, 4) if isinstance(v, float) else v for k, v in self.gc.items()},
             "kernel_ms_per_step": self.kernels,
             "steps": self.steps,
         }

@@ -443,3 +443,32 @@ def test_a_failed_encoder_compile_leaves_the_eager_encode(tiny_sd_path, monkeypa
     for got in (first, second):
         for a, b in zip(got, eager):
             torch.testing.assert_close(a, b)
+
+
+def test_step_profiler_counts_the_garbage_collections_during_training(tmp_path):
+    """The summary's ``gc``: each collection while training runs, the full ones apart, and their host time (a full
+    collection over a large object graph stalls the step it falls in); none is counted after training ends."""
+    import gc
+    import json
+    import types
+
+    from cm_lightning.methods.profiling import StepProfiler
+
+    profiler = StepProfiler(str(tmp_path / "profile.json"), skip=0, phases=False)
+    module = torch.nn.Linear(2, 2)
+    module.device = torch.device("cpu")
+    trainer = types.SimpleNamespace(max_steps=2, global_step=0, world_size=1, global_rank=0)
+    profiler.setup(trainer, module, "fit")
+    profiler.on_train_start(trainer, module)
+    for generation in (0, 2):
+        profiler.on_train_batch_start(trainer, module, None, 0)
+        gc.collect(generation)
+        trainer.global_step += 1
+        profiler.on_train_batch_end(trainer, module, None, None, 0)
+    profiler.on_train_end(trainer, module)
+    gc.collect()  # after training: not counted
+    counted = json.loads((tmp_path / "profile.json").read_text())["gc"]
+    assert counted["collections"] >= 2 and counted["full_collections"] >= 1
+    assert 0 < counted["longest_seconds"] <= counted["seconds"]
+    assert profiler.gc == {**counted, "seconds": profiler.gc["seconds"], "longest_seconds": profiler.gc["longest_seconds"]}
+    assert profiler._gc_event not in gc.callbacks
