@@ -15,10 +15,11 @@ What it measures, each section written to ``--out`` (JSON) as soon as it is done
             step, separate cond/uncond teacher passes, fp16 autocast with a grad scaler), same card, same call;
   sample    ``load_drawer(...).draw`` (what ``sample`` runs) end to end, prompts to pixels on the host, for the MCD
             and CD students at batch 1 and 8 and the teacher's 50-step CFG DDIM, before and after the fast paths;
-  job       (if the time budget allows; before the sampling, which draws with its LoRA when there is no MCD row)
-            the seed's whole job, 1,000 MCD steps, command to exported LoRA, with MCD's
-            training row timed inside it (``mcd_row``: --steps steps after --skip);
-  then the late train variants, while the budget lasts.
+  job       (if the time budget allows) the seed's whole job, 1,000 MCD steps, command to exported LoRA, with MCD's
+            training row timed inside it (``mcd_row``: --steps steps after --skip); the sampling draws MCD with its
+            LoRA when there is no MCD row;
+  late      the late train variants, while the budget lasts (last, unless --sections places them).
+The sections run in the order ``--sections`` lists them, each only while the budget (--budget-s) lasts.
 ``--scale tiny`` runs the same on the tiny model on a CPU in about two minutes (to check the script, not to time).
 Usage: python benchmarks/speed.py --work /tmp/speed --out speed.json [--scale sd15|tiny] [--budget-s 560]
 """
@@ -240,6 +241,8 @@ def measure_train(args, name: str, overrides: list[str], env: dict, tflops: floa
     folder = args.work / "runs" / name
     startup = "_startup" in name
     steps, skip = (STARTUP_STEPS, 1) if startup else (args.steps, args.skip)
+    if "_ckpt" in name and args.ckpt_steps:  # checkpointed steps are eager and steady: fewer of them suffice
+        steps, skip = args.ckpt_steps, args.ckpt_skip
     python = [sys.executable, "-m", "cProfile", "-o", str(folder / "startup.prof")] if startup else [sys.executable]
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [*python, "-m", "cm_lightning.train", *overrides, f"batch_size={args.batch}",
@@ -478,10 +481,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip", type=int, default=10)
     parser.add_argument("--variants", default="cd_before,cd,cd_nographs,mcd,ct,cd_ckpt,cd_before_ckpt")
+    parser.add_argument("--ckpt-steps", type=int, default=0, help="steps of the *_ckpt rows (0: --steps)")
+    parser.add_argument("--ckpt-skip", type=int, default=6, help="warm-up steps of the *_ckpt rows (with --ckpt-steps)")
     parser.add_argument("--workers", type=int, default=8, help="cache-build DataLoader workers")
     parser.add_argument("--late-variants", default="cd_compile,cd_peft_bf16,cd_merged_fp16",
                         help="train variants run after sampling and the reference loop, while time remains")
-    parser.add_argument("--sections", default="prepare,train,reference,sample,job")
+    parser.add_argument("--sections", default="prepare,train,reference,job,sample",
+                        help="what to run, in this order; 'late' places the late variants (else they run last)")
     parser.add_argument("--reference", default="no_ckpt,ckpt", help="reference loop variants")
     parser.add_argument("--budget-s", type=float, default=560, help="stop starting new sections after this")
     parser.add_argument("--sample-cases", default="mcd,cd,teacher", help="what the sample section draws")
@@ -495,7 +501,6 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = {**os.environ, "CM_LIGHTNING_CACHE": str(args.work / "cache"), "PYTHONUNBUFFERED": "1"}
-    sections = args.sections.split(",")
     tflops = matmul_tflops(device)
     results: dict = {"date": date.today().isoformat(), "torch": torch.__version__, "scale": args.scale,
                      "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -504,32 +509,14 @@ def main() -> None:
     model, coco = write_inputs(args.work, args.scale, args.images)
     results["inputs_seconds"] = round(elapsed(), 1)
     overrides = base_overrides(args.scale, model, coco, args.images, args.workers)
-    if "prepare" in sections:
-        results["prepare"] = measure_prepare(args, overrides, env)
-        save(results, args.out)
-        print("prepare", results["prepare"].get("images_per_s"), "images/s", flush=True)
-    if "prepare_nobenchmark" in sections:  # a second, independent build (see the docstring)
-        results["prepare_nobenchmark"] = measure_prepare(args, overrides + ["trainer.benchmark=false"], env,
-                                                         "prepare_nobenchmark")
-        save(results, args.out)
-        print("prepare_nobenchmark", results["prepare_nobenchmark"].get("images_per_s"), "images/s", flush=True)
-    for name in ("prepare_compiled", "prepare_compiled_warm"):  # cold, then from the Inductor cache it filled
-        if name in sections and elapsed() < args.budget_s:
-            results[name] = measure_prepare(args, overrides + ["data.datamodule.compile_image_encoder=true"], env,
-                                            name)
+    results["train"] = {}
+
+    def prepare_section(name: str, extra: list[str]) -> None:
+        if elapsed() < args.budget_s:
+            results[name] = measure_prepare(args, overrides + extra, env, name)
             save(results, args.out)
             print(name, {k: results[name].get(k) for k in ("images_per_s", "images_per_s_after_first_batch",
                                                            "first_batch_seconds", "returncode")}, flush=True)
-    if "prepare_trace" in sections:
-        results["prepare_trace"] = trace_prepare(args, overrides)
-        save(results, args.out)
-    if "vae_layout" in sections:
-        results["vae_layout"] = calibrate_vae_layout(args, device)
-        save(results, args.out)
-    if "attention" in sections:
-        results["attention"] = calibrate_attention(args, device)
-        save(results, args.out)
-    results["train"] = {}
 
     def train_variants(names: str) -> None:
         for name in filter(None, names.split(",")):
@@ -542,38 +529,75 @@ def main() -> None:
             print(name, {k: r.get(k) for k in ("step_ms", "mfu", "peak_memory_gib", "gpu_phase_ms", "returncode")},
                   flush=True)
 
-    if "train" in sections:
-        train_variants(args.variants)
-    if "reference" in sections and elapsed() < args.budget_s:
+    def reference_section() -> None:
         from reference_lcm_loop import measure_reference
 
         torch.backends.cudnn.benchmark = False  # as diffusers' LCM-LoRA script leaves it
-
         results["reference"] = measure_reference(model, device, batch=args.batch, steps=args.steps, skip=args.skip,
                                                  resolution=512 if args.scale == "sd15" else 32,
                                                  gradient_checkpointing=tuple(c == "ckpt" for c in args.reference.split(",")))
         save(results, args.out)
         print("reference", results["reference"], flush=True)
-    cd = results["train"].get("cd")
-    # without a CD row this call: the last measured job (276 s, speed.md) with some margin; then the sampling's ~40 s
-    job_estimate = (cd["step_ms"] / 1000 * 1000 + 60) if isinstance(cd, dict) and "step_ms" in cd else 300
-    job_estimate += 40 if "sample" in sections else 0
-    if args.scale == "tiny":
-        job_estimate = 0
-    if "job" in sections and elapsed() + job_estimate < args.budget_s:
+
+    def job_section() -> None:
+        cd = results["train"].get("cd")
+        # without a CD row yet: the last measured job (260 s, speed.md) with some margin
+        estimate = (cd["step_ms"] / 1000 * 1000 + 60) if isinstance(cd, dict) and "step_ms" in cd else 300
+        if args.scale == "tiny":
+            estimate = 0
+        if elapsed() + estimate >= args.budget_s:
+            results["job"] = f"skipped: estimated {estimate} s, {elapsed():.0f} s of the {args.budget_s} s budget used"
+            return
         steps = ["trainer.max_steps=1000"] if args.scale == "sd15" else ["trainer.max_steps=20"]
         results["job"] = measure_job(args, overrides + steps, env, tflops)
-    elif "job" in sections:
-        results["job"] = f"skipped: estimated {job_estimate} s, {elapsed():.0f} s of the {args.budget_s} s budget used"
-    if "sample" in sections and elapsed() < args.budget_s:  # after the job: without an MCD row, the job's LoRA
+        save(results, args.out)
+        job = results["job"]
+        print("job", {k: job.get(k) for k in ("wall_seconds", "returncode", "lora_written")},
+              {k: job.get("mcd_row", {}).get(k) for k in ("step_ms", "mfu", "seconds_to_first_step")}, flush=True)
+
+    def sample_section() -> None:
+        # the LoRAs of this call's rows; MCD's from the job (MCD K=4 at the defaults) when there is no MCD row, else
+        # from the checkpointed MCD row (the drawing does not depend on how the LoRA was trained)
         runs = {name: results["train"][name]["lora"] for name in ("mcd", "cd")
                 if isinstance(results["train"].get(name), dict) and "lora" in results["train"][name]}
         job = results.get("job")
         if "mcd" not in runs and isinstance(job, dict) and job.get("lora_written"):
-            runs["mcd"] = str(args.work / "runs" / "job" / "lora")  # MCD K=4, the defaults
+            runs["mcd"] = str(args.work / "runs" / "job" / "lora")
+        ckpt = results["train"].get("mcd_ckpt")
+        if "mcd" not in runs and isinstance(ckpt, dict) and "lora" in ckpt:
+            runs["mcd"] = ckpt["lora"]
         results["sample"] = measure_sampling(args, runs, device)
         save(results, args.out)
-    if "train" in sections:  # extras, while the budget lasts
+
+    calibrations = {"prepare_trace": lambda: trace_prepare(args, overrides),
+                    "vae_layout": lambda: calibrate_vae_layout(args, device),
+                    "attention": lambda: calibrate_attention(args, device)}
+    # the sections run in the order --sections gives them; each starts only while the budget lasts
+    for section in args.sections.split(","):
+        if section == "prepare":
+            prepare_section("prepare", [])
+        elif section == "prepare_nobenchmark":  # a second, independent build (see the docstring)
+            prepare_section(section, ["trainer.benchmark=false"])
+        elif section in ("prepare_compiled", "prepare_compiled_warm"):  # cold, then from the Inductor cache
+            prepare_section(section, ["data.datamodule.compile_image_encoder=true"])
+        elif section in calibrations:
+            results[section] = calibrations[section]()
+            save(results, args.out)
+        elif section == "train":
+            train_variants(args.variants)
+        elif section == "late":
+            train_variants(args.late_variants)
+        elif elapsed() >= args.budget_s:
+            results[section] = "skipped: time budget"
+        elif section == "reference":
+            reference_section()
+        elif section == "job":
+            job_section()
+        elif section == "sample":
+            sample_section()
+        else:
+            raise SystemExit(f"--sections: unknown section {section!r}")
+    if "train" in args.sections.split(",") and "late" not in args.sections.split(","):  # extras, while it lasts
         train_variants(args.late_variants)
     results["total_seconds"] = round(elapsed(), 1)
     save(results, args.out)
