@@ -195,6 +195,10 @@ TRAIN_VARIANTS = {
     # measure_train); the second runs later in the call, after other training processes warmed the host's caches
     "cd_startup": ["method=cd"],
     "cd_startup_later": ["method=cd"],
+    # session 10: cuDNN's autotuner (trainer.benchmark=true, the default before call 24) against its heuristics (the
+    # default since), on the graphed step and on the eager checkpointed step
+    "cd_benchmark": ["method=cd", "trainer.benchmark=true"],
+    "cd_ckpt_benchmark": ["method=cd", "method.module.gradient_checkpointing=true", "trainer.benchmark=true"],
 }
 
 

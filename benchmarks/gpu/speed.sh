@@ -20,6 +20,6 @@ jit_cache() { echo "$1: CUDA JIT cache $(du -sk ${CUDA_CACHE_PATH:-$HOME/.nv/Com
 # (plugin autoload off: a plugin in the device image needs another pytest than the carried one)
 [ -n "${SKIP_GPU_TESTS:-}" ] || PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fast_paths.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} > "$OUT/gpu_tests.txt" 2>&1; tail -4 "$OUT/gpu_tests.txt"
 python3 benchmarks/speed.py --work ${WORK:-/tmp/speed} --out "$OUT/speed.json" --budget-s ${BUDGET_S:-540} "$@" 2>&1 | tee "$OUT/speed.log" | grep -v -i -E "warn|it/s]" | tail -60
-jit_cache end >> "$OUT/speed_machine.txt"
+{ jit_cache end; echo "bytecode cache at the end: $(du -sk $PYTHONPYCACHEPREFIX 2>/dev/null | cut -f1) KiB"; } >> "$OUT/speed_machine.txt"
 tar -C ${WORK:-/tmp/speed} -czf "$OUT/speed_logs.tgz" --exclude='*.safetensors' --exclude='*.ckpt' --exclude='*.png' --exclude='*.prof' --exclude=cache --exclude=model --exclude=coco --exclude=wandb runs prepare.log $(cd ${WORK:-/tmp/speed} && ls *.log *.txt) 2>/dev/null
 ls -la "$OUT"
