@@ -16,6 +16,8 @@ export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # whether the first process's longer start-up is kernels compiled once per machine
 jit_cache() { echo "$1: CUDA JIT cache $(du -sk ${CUDA_CACHE_PATH:-$HOME/.nv/ComputeCache} 2>/dev/null | cut -f1) KiB"; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; nproc; date -u; echo "bytecode cache before: $bytecode_was"; jit_cache start; } > "$OUT/speed_machine.txt"
+# IMPORT_TIMES=1: the train entry point's imports, timed twice (the first also writes the bytecode cache)
+[ -z "${IMPORT_TIMES:-}" ] || for i in 1 2; do python3 -c "import time; t = time.time(); import cm_lightning.train; print('import cm_lightning.train: %.1f s' % (time.time() - t))" >> "$OUT/speed_machine.txt" 2>&1; done
 # the fast paths' GPU-only tests first (CUDA graphs: outputs and gradients equal to the eager calls)
 # (plugin autoload off: a plugin in the device image needs another pytest than the carried one)
 [ -n "${SKIP_GPU_TESTS:-}" ] || PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fast_paths.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} > "$OUT/gpu_tests.txt" 2>&1; tail -4 "$OUT/gpu_tests.txt"
