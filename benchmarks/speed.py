@@ -199,6 +199,8 @@ TRAIN_VARIANTS = {
     # default since), on the graphed step and on the eager checkpointed step
     "cd_benchmark": ["method=cd", "trainer.benchmark=true"],
     "cd_ckpt_benchmark": ["method=cd", "method.module.gradient_checkpointing=true", "trainer.benchmark=true"],
+    # session 10: the LoRA weights as ~1,700 tensors for the optimizer (before flat_parameters, the default since)
+    "cd_noflat": ["method=cd", "method.module.flat_parameters=false"],
 }
 
 

@@ -33,6 +33,7 @@ OPTIONS = "tests/unit/test_training_options.py::"
 EXPORT = "tests/unit/test_export_grids.py::"
 PARITY = "tests/integration/test_export_parity.py::"
 COMPILE = "tests/unit/test_compile_blocks.py::"
+FLAT = "tests/unit/test_flat_parameters.py::"
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,14 @@ MUTANTS = [
     Mutant("a compiled run's sample grids compile every block again", "cm_lightning/methods/base.py",
            "        with eager_blocks():\n            return generate_latents(", "        if True:\n            return generate_latents(",
            (COMPILE + "test_a_runs_sampling_runs_its_blocks_eagerly",)),
+    # ---- the LoRA weights in one flat buffer (method.flat_parameters)
+    Mutant("flat layout leaves the layers' gradients to accumulate across steps", "cm_lightning/methods/latent_module.py",
+           "            self._flat.zero_grad()  # the layers' own", "            pass  # the layers' own",
+           (FLAT + "test_flat_training_equals_parameter_by_parameter_training_and_resumes_across_layouts",)),
+    Mutant("an older checkpoint's AdamW moments zeroed when flattened", "cm_lightning/methods/optim.py",
+           "merged[key] = torch.cat([entry[key].reshape(-1) for entry in per_param])",
+           "merged[key] = torch.zeros(sum(numels))",
+           (FLAT + "test_optimizer_state_converts_between_the_layouts",)),
     # ---- options: EMA and curriculum
     Mutant("target EMA updated every micro-batch", "cm_lightning/methods/base.py",
            "if self.ema is not None and self.global_step != self._ema_step:", "if self.ema is not None:",

@@ -91,6 +91,9 @@ class ConsistencyModule(LatentTrainingModule):
         sdpa_backends: the attention kernel each role tries first ('default' (torch's order), 'cudnn', 'flash',
             'efficient', 'math'; roles left out keep ``SDPA_BACKENDS``'s): a kernel that does not take a shape falls
             back to torch's next one.
+        flat_parameters: the LoRA weights as views of one flat buffer, which the optimizer, the gradient clip and the
+            non-finite guard handle as one tensor instead of ~1,700 (their per-tensor host work holds up the graphed
+            step); the same updates, and checkpoints of either layout resume in the other.
         sample_steps: default number of steps for this method's sampler.
     """
 
@@ -116,6 +119,7 @@ class ConsistencyModule(LatentTrainingModule):
         half_precision_roles: Sequence[str] = ROLES,
         channels_last: bool | str = "auto",
         sdpa_backends: dict | None = None,
+        flat_parameters: bool = True,
         sample_steps: int = 4,
     ):
         super().__init__()
@@ -140,6 +144,9 @@ class ConsistencyModule(LatentTrainingModule):
         check_switch(channels_last, "method.channels_last")
         self.compile_blocks = compile_blocks
         self.cuda_graphs = cuda_graphs
+        if not isinstance(flat_parameters, bool):
+            raise ValueError(f"method.flat_parameters={flat_parameters!r} is not true or false")
+        self.flat_parameters = flat_parameters
         unknown = set(half_precision_roles) - set(ROLES)
         if unknown:
             raise ValueError(f"method.half_precision_roles: {sorted(unknown)} not among {', '.join(ROLES)}")
@@ -321,6 +328,7 @@ class ConsistencyModule(LatentTrainingModule):
             checkpoint["ema"] = [s.cpu() for s in self.ema.state_dict()]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # the optimizer state in this run's layout (flat or not)
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
 

@@ -9,12 +9,18 @@ from dataclasses import replace
 import lightning as L
 import torch
 
-from .optim import clip_gradients, lightning_optimizers
+from .optim import (FlatParameters, clip_gradients, flatten_optimizer_state, lightning_optimizers,
+                    split_optimizer_state)
 
 
 class LatentTrainingModule(L.LightningModule):
     """Hooks over attributes a subclass sets in its ``__init__``: ``schedule`` (NoiseSchedule), ``null_context``
-    (None until setup), ``optimizer_factory`` and ``lr_scheduler_factory`` (Hydra partials)."""
+    (None until setup), ``optimizer_factory`` and ``lr_scheduler_factory`` (Hydra partials), and optionally
+    ``flat_parameters`` (True: the trainable parameters live in one flat buffer that the optimizer steps as one
+    tensor, :class:`~cm_lightning.methods.optim.FlatParameters`)."""
+
+    flat_parameters: bool = False
+    _flat: FlatParameters | None = None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -32,8 +38,35 @@ class LatentTrainingModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip (trainer.gradient_clip_val) and log the total gradient norm from the same single foreach pass; also
         what lets a fused optimizer (AdamW fused=True) be clipped, which Lightning's own clipping refuses."""
-        norm = clip_gradients(self._trainer, optimizer, self.trainable_parameters(), gradient_clip_val)
+        params = [p for group in optimizer.param_groups for p in group["params"]]  # the flat buffer, if flat
+        norm = clip_gradients(self._trainer, optimizer, params, gradient_clip_val)
         self.log("train/grad_norm", norm)
 
     def configure_optimizers(self):
-        return lightning_optimizers(self.trainable_parameters(), self.optimizer_factory, self.lr_scheduler_factory)
+        # here the module is on its device (Lightning moves it first) and nothing has captured its storage yet
+        params = self.trainable_parameters()
+        if self.flat_parameters and len(params) > 1:
+            self._flat = FlatParameters(params)
+            params = [self._flat.flat]
+        return lightning_optimizers(params, self.optimizer_factory, self.lr_scheduler_factory)
+
+    def on_after_backward(self) -> None:
+        if self._flat is not None:  # after every micro-batch: the last one's call sees the accumulated gradients
+            self._flat.gather_grads()
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if self._flat is not None:
+            self._flat.zero_grad()  # the layers' own gradients too: autograd accumulates into them
+        optimizer.zero_grad()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint's optimizer state in this run's layout: flat from one saved parameter by parameter, and back."""
+        states = checkpoint.get("optimizer_states") or []
+        if len(states) != 1 or len(states[0].get("param_groups", [])) != 1:
+            return
+        params = self.trainable_parameters()
+        saved = len(states[0]["param_groups"][0]["params"])
+        if self.flat_parameters and len(params) > 1 and saved == len(params):
+            states[0] = flatten_optimizer_state(states[0], params)
+        elif not (self.flat_parameters and len(params) > 1) and saved == 1 and len(params) > 1:
+            states[0] = split_optimizer_state(states[0], params)

@@ -36,3 +36,75 @@ def clip_gradients(trainer, optimizer: torch.optim.Optimizer, params: list[torch
     if clip_val:
         return torch.nn.utils.clip_grad_norm_(params, clip_val)
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+class FlatParameters:
+    """Many parameters as views of one flat buffer, with their gradients gathered into one flat gradient.
+
+    The optimizer, the gradient clip and the non-finite guard then see one tensor instead of SD1.5's ~1,700 LoRA
+    tensors: each pass over a tensor list costs host time per tensor (the fused AdamW walks them in Python), and at
+    batch 8 the graphed step waits for that host work (benchmarks/speed.md, session 10). The layers keep their own
+    parameters (autograd, the EMA, checkpoints and the export see them as before); only their storage moves.
+
+    Args:
+        params: the parameters, all of one device and dtype. Call before anything keeps their old storage: after
+            the module's move to its device, before CUDA graphs are captured or blocks compiled.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        if len({(p.device, p.dtype) for p in params}) != 1:
+            raise ValueError("FlatParameters: the parameters must share one device and dtype")
+        self.params = params
+        self.numels = [p.numel() for p in params]
+        buffer = torch.empty(sum(self.numels), device=params[0].device, dtype=params[0].dtype)
+        for param, view in zip(params, buffer.split(self.numels)):
+            view.copy_(param.detach().reshape(-1))
+            param.data = view.view_as(param)
+        self.flat = torch.nn.Parameter(buffer)  # what the optimizer updates, in place: the layers read views of it
+
+    def gather_grads(self) -> None:
+        """flat.grad <- the parameters' gradients, in order (zeros for a parameter without one)."""
+        if self.flat.grad is None:
+            self.flat.grad = torch.empty_like(self.flat)
+        grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in self.params]
+        torch.cat(grads, out=self.flat.grad)
+
+    def zero_grad(self) -> None:
+        """Drop every gradient (set to None, as ``optimizer.zero_grad()`` does)."""
+        for param in self.params:
+            param.grad = None
+        self.flat.grad = None
+
+
+def flatten_optimizer_state(state: dict, params: list[torch.nn.Parameter]) -> dict:
+    """An optimizer ``state_dict`` over ``params`` one by one (a checkpoint from before :class:`FlatParameters`), as
+    one over their flat buffer: tensors of each parameter's size are concatenated in order, the rest (AdamW's step
+    count) taken from the first parameter."""
+    numels = [p.numel() for p in params]
+    per_param = [state["state"].get(i, {}) for i in range(len(params))]
+    merged = {}
+    for key, value in per_param[0].items():
+        if torch.is_tensor(value) and value.dim() > 0 and value.numel() == numels[0]:
+            merged[key] = torch.cat([entry[key].reshape(-1) for entry in per_param])
+        else:
+            merged[key] = value.clone() if torch.is_tensor(value) else value
+    groups = [{**state["param_groups"][0], "params": [0]}]
+    return {"state": {0: merged} if merged else {}, "param_groups": groups}
+
+
+def split_optimizer_state(state: dict, params: list[torch.nn.Parameter]) -> dict:
+    """The inverse of :func:`flatten_optimizer_state`: a flat checkpoint's optimizer state over ``params`` one by one
+    (each parameter its own copy of the step count: optimizers increment it in place)."""
+    numels = [p.numel() for p in params]
+    flat = state["state"].get(0, {})
+    entries: dict[int, dict] = {i: {} for i in range(len(params))} if flat else {}
+    for key, value in flat.items():
+        is_vector = torch.is_tensor(value) and value.dim() > 0 and value.numel() == sum(numels)
+        parts = value.split(numels) if is_vector else [value] * len(params)
+        for i, (param, part) in enumerate(zip(params, parts)):
+            if is_vector:
+                entries[i][key] = part.view_as(param).clone()
+            else:
+                entries[i][key] = part.clone() if torch.is_tensor(part) else part
+    groups = [{**state["param_groups"][0], "params": list(range(len(params)))}]
+    return {"state": entries, "param_groups": groups}
