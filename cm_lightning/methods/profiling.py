@@ -80,8 +80,9 @@ class StepProfiler(L.Callback):
             come later in it.
 
     The summary also holds ``gc``: the collections of Python's garbage collector during training, and the host time
-    they took (a full collection over a large object graph stalls the step that triggers it). And ``milestones``: the wall clock (unix seconds) at Lightning's setup, fit start, train
-    start and the end of the first step, so the time to the first step splits into its parts.
+    they took (a full collection over a large object graph stalls the step that triggers it). And ``milestones``:
+    the wall clock (unix seconds) at Lightning's setup, fit start, train start and the end of the first step, so the
+    time to the first step splits into its parts.
     """
 
     def __init__(self, out: str, skip: int = 10, phases: bool = True, host_profile: bool = False,
