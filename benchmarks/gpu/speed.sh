@@ -8,7 +8,7 @@ set -uo pipefail
 [ -n "${SKIP_INSTALL:-}" ] || [ ! -d .whl/wandb ] || python3 -c 'import wandb' 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl/wandb wandb || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 # Python's bytecode cache, as on any installed machine: the device image compiled ~2,200 modules from source in every
-# process (call 23's start-up profile: ~6 s of each process's start); the first process here writes the cache
+# process (call 23's start-up profile: 6.6 s under the profiler); the first process here writes the cache
 bytecode_was="PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset} PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-unset}"
 unset PYTHONDONTWRITEBYTECODE; export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache}
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
