@@ -227,6 +227,10 @@ MUTANTS = [
            "merged[key] = torch.cat([entry[key].reshape(-1) for entry in per_param])",
            "merged[key] = torch.zeros(sum(numels))",
            (FLAT + "test_optimizer_state_converts_between_the_layouts",)),
+    Mutant("accumulated gradients left as a graphed backward's reused output buffers", "cm_lightning/methods/latent_module.py",
+           "        accumulating = self._trainer is not None and self.trainer.accumulate_grad_batches > 1",
+           "        accumulating = False",
+           (FLAT + "test_accumulated_gradients_survive_a_backward_that_reuses_its_output_buffers",)),
     # ---- options: EMA and curriculum
     Mutant("target EMA updated every micro-batch", "cm_lightning/methods/base.py",
            "if self.ema is not None and self.global_step != self._ema_step:", "if self.ema is not None:",

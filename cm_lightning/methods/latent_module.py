@@ -9,8 +9,8 @@ from dataclasses import replace
 import lightning as L
 import torch
 
-from .optim import (FlatParameters, clip_gradients, flatten_optimizer_state, lightning_optimizers,
-                    split_optimizer_state)
+from .optim import (FlatParameters, clip_gradients, flatten_optimizer_state, gradients_into_one_buffer,
+                    lightning_optimizers, split_optimizer_state)
 
 
 class LatentTrainingModule(L.LightningModule):
@@ -21,6 +21,7 @@ class LatentTrainingModule(L.LightningModule):
 
     flat_parameters: bool = False
     _flat: FlatParameters | None = None
+    _grads_in_one_buffer = False  # under accumulation, this window's gradients were moved into one buffer
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -51,12 +52,18 @@ class LatentTrainingModule(L.LightningModule):
         return lightning_optimizers(params, self.optimizer_factory, self.lr_scheduler_factory)
 
     def on_after_backward(self) -> None:
-        if self._flat is not None:  # after every micro-batch: the last one's call sees the accumulated gradients
-            self._flat.gather_grads()
+        # under accumulation the gradients must not stay the graphed backward's output buffers (gradients_into_one_buffer)
+        accumulating = self._trainer is not None and self.trainer.accumulate_grad_batches > 1
+        if self._flat is not None:
+            self._flat.gather_grads(accumulating)
+        elif accumulating and not self._grads_in_one_buffer:
+            gradients_into_one_buffer(self.trainable_parameters())
+            self._grads_in_one_buffer = True
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
         if self._flat is not None:
             self._flat.zero_grad()  # the layers' own gradients too: autograd accumulates into them
+        self._grads_in_one_buffer = False
         optimizer.zero_grad()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -61,19 +61,47 @@ class FlatParameters:
             view.copy_(param.detach().reshape(-1))
             param.data = view.view_as(param)
         self.flat = torch.nn.Parameter(buffer)  # what the optimizer updates, in place: the layers read views of it
+        self._grads_are_views = False  # the parameters' gradients are views of flat.grad (see gather_grads)
 
-    def gather_grads(self) -> None:
-        """flat.grad <- the parameters' gradients, in order (zeros for a parameter without one)."""
+    def gather_grads(self, accumulating: bool = False) -> None:
+        """flat.grad <- the parameters' gradients, in order (zeros for a parameter without one).
+
+        ``accumulating`` (more micro-batches follow before the optimizer step): the parameters' gradients become views
+        of flat.grad (:func:`gradients_into_one_buffer`), so the next backward accumulates into it in place and
+        later calls have nothing to gather."""
+        if self._grads_are_views:
+            return
+        if accumulating:
+            self.flat.grad = gradients_into_one_buffer(self.params)
+            self._grads_are_views = True
+            return
         if self.flat.grad is None:
             self.flat.grad = torch.empty_like(self.flat)
-        grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in self.params]
-        torch.cat(grads, out=self.flat.grad)
+        torch.cat(_flat_grads(self.params), out=self.flat.grad)
 
     def zero_grad(self) -> None:
         """Drop every gradient (set to None, as ``optimizer.zero_grad()`` does)."""
         for param in self.params:
             param.grad = None
         self.flat.grad = None
+        self._grads_are_views = False
+
+
+def _flat_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
+
+
+def gradients_into_one_buffer(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Copy the parameters' gradients into one new buffer and make each gradient a view of it; returns the buffer.
+
+    Under gradient accumulation with the student's backward replayed from a CUDA graph: autograd takes the graph's
+    output buffers as the gradients themselves (no copy), so the next micro-batch's replay would overwrite them
+    before adding to them (g2 + g2 instead of g1 + g2). Views of a buffer of their own accumulate in place, as
+    autograd does with any existing gradient."""
+    buffer = torch.cat(_flat_grads(params))
+    for param, view in zip(params, buffer.split([p.numel() for p in params])):
+        param.grad = view.view_as(param)
+    return buffer
 
 
 def flatten_optimizer_state(state: dict, params: list[torch.nn.Parameter]) -> dict:

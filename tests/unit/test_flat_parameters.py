@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from cm_lightning.diffusion.schedule import NoiseSchedule
 from cm_lightning.methods import ConsistencyDistillation
+from cm_lightning.methods.latent_module import LatentTrainingModule
 from cm_lightning.methods.optim import FlatParameters, flatten_optimizer_state, split_optimizer_state
 from cm_lightning.models.lora import lora_state_dict, save_lora_diffusers
 
@@ -117,3 +118,55 @@ def test_flat_training_equals_parameter_by_parameter_training_and_resumes_across
                                                  lora_state_dict(flat.unet).values())]
     assert max(moved) > 0  # steps 3 and 4 trained
     _assert_same_lora(across, same, 0.0)
+
+
+class _ReplayedBackward(torch.autograd.Function):
+    """A backward that, like a CUDA graph's replay, writes its weight gradient into one buffer it reuses every call
+    and hands that buffer to autograd (which keeps it as the gradient itself: no copy)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, buffer):
+        ctx.save_for_backward(x)
+        ctx.buffer = buffer
+        return x @ weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        ctx.buffer.copy_(x.t() @ grad)
+        return None, ctx.buffer.detach(), None
+
+
+class _Regression(LatentTrainingModule):
+    def __init__(self, replayed: bool, flat: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.weights = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(3, 2)) for _ in range(2)])
+        self.buffers_ = [torch.zeros(3, 2) for _ in self.weights]
+        self.replayed, self.flat_parameters = replayed, flat
+        self.schedule = NoiseSchedule(alphas_cumprod=torch.linspace(0.99, 0.01, 10))
+        self.optimizer_factory = lambda p: torch.optim.SGD(p, lr=0.1)
+        self.lr_scheduler_factory, self.null_context = None, None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        outputs = [(_ReplayedBackward.apply(x, w, b) if self.replayed else x @ w)
+                   for w, b in zip(self.weights, self.buffers_)]
+        return sum(((out - y) ** 2).mean() for out in outputs)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_accumulated_gradients_survive_a_backward_that_reuses_its_output_buffers(flat):
+    """Under accumulate_grad_batches=2 a replayed (graphed) backward's reused gradient buffers must not be overwritten
+    by the next micro-batch before it adds to them: the weights end as with an ordinary backward."""
+    generator = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 3, generator=generator), torch.randn(4, 2, generator=generator)) for _ in range(4)]
+
+    def trained(replayed: bool) -> list[torch.Tensor]:
+        module = _Regression(replayed, flat)
+        L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False).fit(module, DataLoader(data, batch_size=None))
+        return [w.detach().clone() for w in module.weights]
+
+    for replayed, ordinary in zip(trained(True), trained(False)):
+        torch.testing.assert_close(replayed, ordinary)
