@@ -276,6 +276,9 @@ class ConsistencyModule(LatentTrainingModule):
         """Whether the UNet calls can be replayed from CUDA graphs on a GPU (see ``cuda_graphs``)."""
         return self.cuda_graphs and self.ema is None and not self.unet.is_gradient_checkpointing
 
+    def backward_reuses_buffers(self) -> bool:
+        return isinstance(self.networks.get("student"), GraphedStudent)  # its backward is a graph's replay
+
     def graphed_networks(self) -> dict[str, Callable]:
         """CUDA-graph replays of the three UNet roles, where they are safe (see ``cuda_graphs``), else none."""
         # DDP is fine: its all-reduce hooks sit on the LoRA weights' gradient accumulators, which run after the

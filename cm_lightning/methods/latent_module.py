@@ -51,12 +51,16 @@ class LatentTrainingModule(L.LightningModule):
             params = [self._flat.flat]
         return lightning_optimizers(params, self.optimizer_factory, self.lr_scheduler_factory)
 
+    def backward_reuses_buffers(self) -> bool:
+        """Whether the backward hands autograd buffers it writes again at the next call (a CUDA graph's replay)."""
+        return False
+
     def on_after_backward(self) -> None:
-        # under accumulation the gradients must not stay the graphed backward's output buffers (gradients_into_one_buffer)
+        # under accumulation the gradients must not stay a replayed backward's output buffers (gradients_into_one_buffer)
         accumulating = self._trainer is not None and self.trainer.accumulate_grad_batches > 1
         if self._flat is not None:
             self._flat.gather_grads(accumulating)
-        elif accumulating and not self._grads_in_one_buffer:
+        elif accumulating and not self._grads_in_one_buffer and self.backward_reuses_buffers():
             gradients_into_one_buffer(self.trainable_parameters())
             self._grads_in_one_buffer = True
 

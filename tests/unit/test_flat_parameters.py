@@ -148,6 +148,9 @@ class _Regression(LatentTrainingModule):
         self.optimizer_factory = lambda p: torch.optim.SGD(p, lr=0.1)
         self.lr_scheduler_factory, self.null_context = None, None
 
+    def backward_reuses_buffers(self) -> bool:
+        return self.replayed
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         outputs = [(_ReplayedBackward.apply(x, w, b) if self.replayed else x @ w)
