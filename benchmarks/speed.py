@@ -75,9 +75,16 @@ def matmul_tflops(device: torch.device) -> float | None:
 
 
 def write_inputs(work: Path, scale: str, images: int) -> tuple[Path, Path]:
-    """A model folder (random SD1.5 weights, or the tiny model) and a COCO-layout folder of generated JPEGs."""
-    from cm_lightning.data.synthetic import write_coco_folder
+    """A model folder (random SD1.5 weights, or the tiny model) and a COCO-layout folder of generated JPEGs, written
+    side by side (the weights' initialisation and writes, and PIL's JPEG encoding, release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
 
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        coco = pool.submit(write_images, work, scale, images)
+        return write_model(work, scale), coco.result()
+
+
+def write_model(work: Path, scale: str) -> Path:
     model = work / "model"
     if scale == "sd15":
         from cm_lightning.models.sd15_architecture import write_random_sd15
@@ -88,11 +95,17 @@ def write_inputs(work: Path, scale: str, images: int) -> tuple[Path, Path]:
         from cm_lightning.models.tiny import ensure_tiny_sd
 
         ensure_tiny_sd(model)
+    return model
+
+
+def write_images(work: Path, scale: str, images: int) -> Path:
+    from cm_lightning.data.synthetic import write_coco_folder
+
     coco = work / "coco"
     if not (coco / "annotations").is_dir():
         size = (640, 480) if scale == "sd15" else (48, 40)
         write_coco_folder(coco, images, image_size=size, captions_per_image=1)
-    return model, coco
+    return coco
 
 
 def base_overrides(scale: str, model: Path, coco: Path, images: int, workers: int) -> list[str]:
@@ -484,6 +497,8 @@ def main() -> None:
     parser.add_argument("--variants", default="cd_before,cd,cd_nographs,mcd,ct,cd_ckpt,cd_before_ckpt")
     parser.add_argument("--ckpt-steps", type=int, default=0, help="steps of the *_ckpt rows (0: --steps)")
     parser.add_argument("--ckpt-skip", type=int, default=6, help="warm-up steps of the *_ckpt rows (with --ckpt-steps)")
+    parser.add_argument("--reference-steps", type=int, default=0, help="steps of the reference loop (0: --steps)")
+    parser.add_argument("--reference-skip", type=int, default=6, help="its warm-up steps (with --reference-steps)")
     parser.add_argument("--workers", type=int, default=8, help="cache-build DataLoader workers")
     parser.add_argument("--late-variants", default="cd_compile,cd_peft_bf16,cd_merged_fp16",
                         help="train variants run after sampling and the reference loop, while time remains")
@@ -534,7 +549,8 @@ def main() -> None:
         from reference_lcm_loop import measure_reference
 
         torch.backends.cudnn.benchmark = False  # as diffusers' LCM-LoRA script leaves it
-        results["reference"] = measure_reference(model, device, batch=args.batch, steps=args.steps, skip=args.skip,
+        steps, skip = (args.reference_steps, args.reference_skip) if args.reference_steps else (args.steps, args.skip)
+        results["reference"] = measure_reference(model, device, batch=args.batch, steps=steps, skip=skip,
                                                  resolution=512 if args.scale == "sd15" else 32,
                                                  gradient_checkpointing=tuple(c == "ckpt" for c in args.reference.split(",")))
         save(results, args.out)
