@@ -231,6 +231,9 @@ MUTANTS = [
            "        accumulating = self._trainer is not None and self.trainer.accumulate_grad_batches > 1",
            "        accumulating = False",
            (FLAT + "test_accumulated_gradients_survive_a_backward_that_reuses_its_output_buffers",)),
+    Mutant("a nested adapters_disabled exit switches the adapters back on", "cm_lightning/models/lora.py",
+           "            layer._disable_adapters = flag", "            layer._disable_adapters = False",
+           ("tests/unit/test_lora.py::test_adapters_come_back_after_an_exception_and_nesting_keeps_them_off",)),
     # ---- options: EMA and curriculum
     Mutant("target EMA updated every micro-batch", "cm_lightning/methods/base.py",
            "if self.ema is not None and self.global_step != self._ema_step:", "if self.ema is not None:",
