@@ -41,7 +41,7 @@ def clip_gradients(trainer, optimizer: torch.optim.Optimizer, params: list[torch
 class FlatParameters:
     """Many parameters as views of one flat buffer, with their gradients gathered into one flat gradient.
 
-    The optimizer, the gradient clip and the non-finite guard then see one tensor instead of SD1.5's ~1,700 LoRA
+    The optimizer, the gradient clip and the non-finite guard then see one tensor instead of SD1.5's 556 LoRA
     tensors: each pass over a tensor list costs host time per tensor (the fused AdamW walks them in Python), and at
     batch 8 the graphed step waits for that host work (benchmarks/speed.md, session 10). The layers keep their own
     parameters (autograd, the EMA, checkpoints and the export see them as before); only their storage moves.
