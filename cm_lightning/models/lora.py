@@ -65,7 +65,7 @@ def add_lora(
         target_modules=list(target_modules),
     )
     unet.add_adapter(config, adapter_name=ADAPTER)
-    unet._lora_layers = _find_lora_layers(unet)  # listed once: adapters_disabled switches them every teacher call
+    unet._cm_lora_layers = _find_lora_layers(unet)  # listed once: adapters_disabled switches them every teacher call
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
@@ -84,7 +84,7 @@ def adapters_disabled(unet: UNet2DConditionModel) -> Iterator[UNet2DConditionMod
     the UNet and have peft flip ``requires_grad`` on every adapter weight, each way: ~16 ms of host time a switch
     pair at SD1.5 size on a CPU, inside every training step's teacher call (0.6 ms for the flags). Under no_grad
     ``requires_grad`` changes nothing, and both forwards (peft's and ``_merged_forward``) read the flag."""
-    layers = getattr(unet, "_lora_layers", None) or _find_lora_layers(unet)
+    layers = getattr(unet, "_cm_lora_layers", None) or _find_lora_layers(unet)
     if not layers:
         raise ValueError("the UNet has no LoRA adapter: call add_lora first")
     previous = [layer._disable_adapters for layer in layers]
