@@ -92,8 +92,8 @@ class ConsistencyModule(LatentTrainingModule):
             'efficient', 'math'; roles left out keep ``SDPA_BACKENDS``'s): a kernel that does not take a shape falls
             back to torch's next one.
         flat_parameters: the LoRA weights as views of one flat buffer, which the optimizer, the gradient clip and the
-            non-finite guard handle as one tensor instead of 556 at SD1.5 size (their per-tensor host work holds up the graphed
-            step); the same updates, and checkpoints of either layout resume in the other.
+            non-finite guard handle as one tensor instead of 556 at SD1.5 size (their per-tensor host work holds up
+            the graphed step); the same updates, and checkpoints of either layout resume in the other.
         sample_steps: default number of steps for this method's sampler.
     """
 

@@ -43,10 +43,14 @@ class LatentTrainingModule(L.LightningModule):
         norm = clip_gradients(self._trainer, optimizer, params, gradient_clip_val)
         self.log("train/grad_norm", norm)
 
+    def _flat_layout(self, params: list[torch.nn.Parameter]) -> bool:
+        """Whether the optimizer steps ``params`` as one flat buffer (one parameter needs no flattening)."""
+        return self.flat_parameters and len(params) > 1
+
     def configure_optimizers(self):
         # here the module is on its device (Lightning moves it first) and nothing has captured its storage yet
         params = self.trainable_parameters()
-        if self.flat_parameters and len(params) > 1:
+        if self._flat_layout(params):
             self._flat = FlatParameters(params)
             params = [self._flat.flat]
         return lightning_optimizers(params, self.optimizer_factory, self.lr_scheduler_factory)
@@ -77,7 +81,7 @@ class LatentTrainingModule(L.LightningModule):
             return
         params = self.trainable_parameters()
         saved = len(states[0]["param_groups"][0]["params"])
-        if self.flat_parameters and len(params) > 1 and saved == len(params):
+        if self._flat_layout(params) and saved == len(params):
             states[0] = flatten_optimizer_state(states[0], params)
-        elif not (self.flat_parameters and len(params) > 1) and saved == 1 and len(params) > 1:
+        elif not self._flat_layout(params) and saved == 1 and len(params) > 1:
             states[0] = split_optimizer_state(states[0], params)

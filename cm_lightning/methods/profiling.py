@@ -205,14 +205,16 @@ class StepProfiler(L.Callback):
         self.steps.append(record)
         self._last_end = now
 
-    def on_exception(self, trainer, module, exception) -> None:
+    def _stop_counting_gc(self) -> None:
         if self._gc_event in gc.callbacks:
             gc.callbacks.remove(self._gc_event)
 
+    def on_exception(self, trainer, module, exception) -> None:
+        self._stop_counting_gc()
+
     def on_train_end(self, trainer, module) -> None:
         module.step_profiler = None
-        if self._gc_event in gc.callbacks:
-            gc.callbacks.remove(self._gc_event)
+        self._stop_counting_gc()
         self._sync()
         if len(self._window) == 1:  # stopped before max_steps (max_time, an error): the window ends here
             self._window.append(time.perf_counter())
