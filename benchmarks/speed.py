@@ -14,12 +14,15 @@ What it measures, each section written to ``--out`` (JSON) as soon as it is done
   reference a loop written the way diffusers' LCM-LoRA example trains (two UNet copies, VAE + text encode every
             step, separate cond/uncond teacher passes, fp16 autocast with a grad scaler), same card, same call;
   sample    ``load_drawer(...).draw`` (what ``sample`` runs) end to end, prompts to pixels on the host, for the MCD
-            and CD students at batch 1 and 8 and the teacher's 50-step CFG DDIM, before and after the fast paths;
+            and CD students at batch 1 and 8 and the teacher's 50-step and 4-step CFG DDIM, before and after the
+            fast paths;
   job       (if the time budget allows) the seed's whole job, 1,000 MCD steps, command to exported LoRA, with MCD's
             training row timed inside it (``mcd_row``: --steps steps after --skip); the sampling draws MCD with its
             LoRA when there is no MCD row;
+  unet_calls (a calibration) issue 10's table of single UNet calls, eager: base, LoRA unmerged, merged;
   late      the late train variants, while the budget lasts (last, unless --sections places them).
-The sections run in the order ``--sections`` lists them, each only while the budget (--budget-s) lasts.
+The sections run in the order ``--sections`` lists them, each only where its estimated time (``ESTIMATED_SECONDS``)
+fits in what is left of the budget (--budget-s).
 ``--scale tiny`` runs the same on the tiny model on a CPU in about two minutes (to check the script, not to time).
 Usage: python benchmarks/speed.py --work /tmp/speed --out speed.json [--scale sd15|tiny] [--budget-s 560]
 """
@@ -45,6 +48,8 @@ UNET_TFLOP_PER_SAMPLE = 0.803  # SD1.5 UNet forward at 512 px (64x64 latents, 77
 # CD/MCD: teacher cond + uncond (2), target (1), student forward + backward (3); CT: no teacher.
 FORWARDS_PER_SAMPLE = {"cd": 6, "mcd": 6, "ct": 4}
 STARTED = time.perf_counter()
+# about how long a section or a row takes on the H200 (calls 24-26): one starts only where it fits the budget
+ESTIMATED_SECONDS = {"reference": 35, "sample": 60, "unet_calls": 20, "row": 40, "ckpt_row": 36}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -90,7 +95,7 @@ def write_model(work: Path, scale: str) -> Path:
         from cm_lightning.models.sd15_architecture import write_random_sd15
 
         if not (model / "model_index.json").is_file():
-            write_random_sd15(model)
+            write_random_sd15(model, device="cuda" if torch.cuda.is_available() else "cpu")
     else:
         from cm_lightning.models.tiny import ensure_tiny_sd
 
@@ -325,10 +330,12 @@ def measure_sampling(args, runs: dict, device: torch.device) -> dict:
     from cm_lightning.pipeline import load_drawer
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cases = [("mcd", runs.get("mcd"), 4, 1.0), ("cd", runs.get("cd"), 4, 1.0), ("teacher", None, 50, 7.5)]
+    # (case, LoRA, [(row name, steps, guidance)]): the teacher's drawer draws its 50-step and its 4-step CFG DDIM
+    cases = [("mcd", runs.get("mcd"), [("mcd", 4, 1.0)]), ("cd", runs.get("cd"), [("cd", 4, 1.0)]),
+             ("teacher", None, [("teacher", 50, 7.5), ("teacher4", 4, 7.5)])]
     out = {}
-    for name, run_dir, steps, guidance in cases:
-        if (name != "teacher" and run_dir is None) or name not in args.sample_cases.split(","):
+    for case, run_dir, rows in cases:
+        if (case != "teacher" and run_dir is None) or case not in args.sample_cases.split(","):
             continue
         for mode in args.sample_modes.split(","):
             fast = mode.startswith("fast")
@@ -338,9 +345,9 @@ def measure_sampling(args, runs: dict, device: torch.device) -> dict:
             started = time.perf_counter()
             drawer, _ = load_drawer(components, run_dir, device=device, dtype=dtype, encoder_dtype=dtype,
                                     merge_lora=fast, cuda_graphs=fast, compile=mode == "fast_compile")
-            for batch in (1, 8):
+            for (name, steps, guidance), batch in ((row, batch) for row in rows for batch in (1, 8)):
                 prompts = ["A sad puppy with large eyes"] * batch
-                repeats = 3 if name == "teacher" else 10
+                repeats = 3 if steps > 10 else 10
                 times = []
                 for i in range(2 + repeats):
                     if device.type == "cuda":
@@ -468,6 +475,64 @@ def calibrate_attention(args, device: torch.device) -> dict:
     return out
 
 
+def calibrate_unet_calls(args, device: torch.device) -> dict:
+    """A side calibration (not an entry point): issue 10's table of single UNet calls, eager, re-measured in this
+    call: the SD1.5 UNet (bf16) alone at batch 1 / 8 / 16; with the default LoRA (r 64, the 14 target kinds, bf16)
+    unmerged as peft runs it, at batch 1 / 8, and its forward + backward at batch 8; the same LoRA in the project's
+    training forward (``lora_forward=merged_fused``: one op on W + s B A, the rank-r backward; LoRA in float32 under
+    bf16 autocast, as ``train`` runs the student without its CUDA graphs), forward + backward at batch 8; and merged
+    into the weights (what drawing runs), batch 1. Each call between two synchronisations, median of 10 after 3
+    warm-ups (5 for the backward rows). (The compiled rows of
+    the issue's table are the compiled paths' rows: ``cd_compile_cl`` and ``sample compile=true``.)"""
+    from cm_lightning.models.components import load_components
+    from cm_lightning.models.lora import add_lora, cast_for_training, merge_adapter, use_merged_lora_forward
+
+    bf16 = torch.bfloat16  # (on a CPU, --scale tiny checks the code; the times mean nothing there)
+    unet = load_components(str(args.work / "model")).unet.to(device, bf16).eval().requires_grad_(False)
+    config = unet.config
+
+    def median_ms(call, repeats: int = 10) -> float:
+        times = []
+        for i in range(3 + repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 3:
+                times.append((time.perf_counter() - started) * 1000)
+        return round(statistics.median(times), 1)
+
+    def unet_call(batch: int, backward: bool = False, autocast: bool = False):
+        x = torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, device=device, dtype=bf16)
+        t = torch.full((batch,), 500, device=device)
+        context = torch.randn(batch, 77, config.cross_attention_dim, device=device, dtype=bf16)
+
+        def call():
+            with torch.set_grad_enabled(backward), torch.autocast(device.type, bf16, enabled=autocast):
+                y = unet(x, t, context).sample
+            if backward:
+                y.float().square().mean().backward()
+        return call
+
+    out = {f"base_forward_b{b}_ms": median_ms(unet_call(b)) for b in (1, 8, 16)}
+    add_lora(unet)  # peft's unmerged forward, every weight bf16
+    unet.to(bf16)
+    out.update({f"lora_peft_forward_b{b}_ms": median_ms(unet_call(b)) for b in (1, 8)})
+    out["lora_peft_forward_backward_b8_ms"] = median_ms(unet_call(8, backward=True), repeats=5)
+    cast_for_training(unet, bf16)  # the training student: LoRA float32, frozen weights bf16, autocast
+    use_merged_lora_forward(unet, fused_merge=True)
+    out["lora_merged_fused_forward_backward_b8_ms"] = median_ms(unet_call(8, backward=True, autocast=True), repeats=5)
+    unet.to(bf16)
+    merge_adapter(unet)
+    out["lora_merged_into_weights_forward_b1_ms"] = median_ms(unet_call(1))
+    print("unet calls", out, flush=True)
+    unet = None
+    torch.cuda.empty_cache()
+    return out
+
+
 def measure_job(args, overrides: list[str], env: dict, tflops: float | None) -> dict:
     """The seed's job, command to exported LoRA, with ``StepProfiler`` timing ``args.steps`` steps after
     ``args.skip`` inside it: the job's own MCD row (``train_row``), from the same process."""
@@ -527,6 +592,9 @@ def main() -> None:
     overrides = base_overrides(args.scale, model, coco, args.images, args.workers)
     results["train"] = {}
 
+    def fits(seconds: float) -> bool:
+        return elapsed() + seconds <= args.budget_s
+
     def prepare_section(name: str, extra: list[str]) -> None:
         if elapsed() < args.budget_s:
             results[name] = measure_prepare(args, overrides + extra, env, name)
@@ -536,7 +604,7 @@ def main() -> None:
 
     def train_variants(names: str) -> None:
         for name in filter(None, names.split(",")):
-            if elapsed() > args.budget_s - 30:
+            if not fits(ESTIMATED_SECONDS["ckpt_row" if "_ckpt" in name and args.ckpt_steps else "row"]):
                 results["train"][name] = "skipped: time budget"
                 continue
             results["train"][name] = measure_train(args, name, overrides + TRAIN_VARIANTS[name], env, tflops)
@@ -588,23 +656,26 @@ def main() -> None:
 
     calibrations = {"prepare_trace": lambda: trace_prepare(args, overrides),
                     "vae_layout": lambda: calibrate_vae_layout(args, device),
-                    "attention": lambda: calibrate_attention(args, device)}
+                    "attention": lambda: calibrate_attention(args, device),
+                    "unet_calls": lambda: calibrate_unet_calls(args, device)}
     # the sections run in the order --sections gives them; each starts only while the budget lasts
+    results["section_seconds"] = {}  # each section's wall time, to plan what fits in one call
     for section in args.sections.split(","):
+        section_started = elapsed()
         if section == "prepare":
             prepare_section("prepare", [])
         elif section == "prepare_nobenchmark":  # a second, independent build (see the docstring)
             prepare_section(section, ["trainer.benchmark=false"])
         elif section in ("prepare_compiled", "prepare_compiled_warm"):  # cold, then from the Inductor cache
             prepare_section(section, ["data.datamodule.compile_image_encoder=true"])
-        elif section in calibrations:
+        elif section in calibrations and fits(ESTIMATED_SECONDS.get(section, 0)):
             results[section] = calibrations[section]()
             save(results, args.out)
         elif section == "train":
             train_variants(args.variants)
         elif section == "late":
             train_variants(args.late_variants)
-        elif elapsed() >= args.budget_s:
+        elif not fits(ESTIMATED_SECONDS.get(section, 0)):
             results[section] = "skipped: time budget"
         elif section == "reference":
             reference_section()
@@ -614,6 +685,7 @@ def main() -> None:
             sample_section()
         else:
             raise SystemExit(f"--sections: unknown section {section!r}")
+        results["section_seconds"][section] = round(elapsed() - section_started, 1)
     if "train" in args.sections.split(",") and "late" not in args.sections.split(","):  # extras, while it lasts
         train_variants(args.late_variants)
     results["total_seconds"] = round(elapsed(), 1)
