@@ -48,7 +48,8 @@ UNET_TFLOP_PER_SAMPLE = 0.803  # SD1.5 UNet forward at 512 px (64x64 latents, 77
 # CD/MCD: teacher cond + uncond (2), target (1), student forward + backward (3); CT: no teacher.
 FORWARDS_PER_SAMPLE = {"cd": 6, "mcd": 6, "ct": 4}
 STARTED = time.perf_counter()
-# about how long a section or a row takes on the H200 (call 27: reference 36, sample 45, unet_calls 41 s): one starts only where it fits the budget
+# about how long a section or a row takes on the H200 (call 27: reference 36, sample 45, unet_calls 41 s);
+# one starts only where it fits what is left of the budget
 ESTIMATED_SECONDS = {"reference": 40, "sample": 50, "unet_calls": 45, "row": 40, "ckpt_row": 36}
 
 
